@@ -1,0 +1,31 @@
+# Two commands: `make run` and `make test`. Both create/refresh .venv themselves.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+OUT ?= runs
+
+.PHONY: run test test-slow lint benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(OUT)
+	$(VENV)/bin/cicl fit $(DATA)/pollen.h5ad --out $(OUT)/pollen_cicl.h5ad --label-key cell_type --force
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check cicl tests benchmarks tune
+	$(VENV)/bin/python -m pytest -m "not benchmark" -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m benchmark -q
+
+benchmark: $(STAMP)
+	$(VENV)/bin/python benchmarks/quality.py --data $(DATA) --seeds 3 --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,277 @@
+"""Configuration: frozen dataclasses, one schema for the CLI, YAML files and (later) Tune.
+
+Every paper-vs-code divergence listed in ``shared/notes/method.md`` is a switch here, so the
+``reference`` preset reproduces the official code while ``default`` is what measured best.
+Dotted keys (``"loss.temperature"``) address fields for overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the user must fix."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    n_top_genes: int = 2000  # HVG count; all genes are kept when there are fewer
+    scale: bool = True  # z-score genes, clipped at max_value
+    max_value: float = 10.0
+    n_pcs: int = 50  # PCA used for the kNN graph, gene tokens and K estimation
+    min_genes: int = 0  # drop cells with fewer expressed genes (0 = keep all)
+
+    def __post_init__(self) -> None:
+        _check(self.n_top_genes >= 2, "preprocess.n_top_genes must be >= 2")
+        _check(self.n_pcs >= 2, "preprocess.n_pcs must be >= 2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: Literal["transformer", "mlp", "reference"] = "transformer"
+    # transformer: genes are grouped into co-expression modules, one token per module
+    n_tokens: int = 32
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: int = 128
+    dropout: float = 0.1
+    embed_dim: int = 32
+    pca_residual: bool = True  # h = PCA(x) + Transformer(x); Transformer branch starts small
+    residual_init: float = 0.1  # initial scale of the Transformer branch's output layer
+    # reference (official code): residual MLP blocks at width G, embedding dim = G
+    ref_layers: int = 4
+    ref_hidden: int = 1024
+    ref_dropout: float = 0.2
+    # projection head
+    proj_hidden: int = 256
+    proj_dim: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
+        _check(self.n_tokens >= 2, "model.n_tokens must be >= 2 (attention needs several tokens)")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Two views per cell, resampled every step (``resample="static"`` mimics the code)."""
+
+    noise_std: float = 0.5  # Gaussian noise (the paper's augmentation)
+    noise_frac: float = 0.8  # fraction of genes that receive noise
+    mask_frac: float = 0.5  # gene masking: fraction of genes set to 0 (the scaled mean)
+    neighbor_prob: float = 0.5  # replace a view by a kNN neighbour mixed with the cell
+    neighbor_mix: float = 0.5  # weight of the neighbour in that mix
+    n_neighbors: int = 10
+    resample: Literal["step", "static"] = "step"
+
+    def __post_init__(self) -> None:
+        for name in ("noise_frac", "mask_frac", "neighbor_prob", "neighbor_mix"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"augment.{name} must be in [0, 1], got {v}")
+        _check(self.noise_std >= 0, "augment.noise_std must be >= 0")
+        _check(self.n_neighbors >= 1, "augment.n_neighbors must be >= 1")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 0.5
+    lam: float = 1.0  # weight of the cluster-aware term
+    cluster_loss: Literal["paper", "code"] = "paper"
+    instance_loss: Literal["ntxent", "code"] = "ntxent"
+    confidence: float = 0.0  # pseudo-labels with max Student's t q below this are ignored
+    warmup_frac: float = 0.3  # fraction of training before the cluster-aware term starts
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "loss.temperature must be > 0")
+        _check(self.lam >= 0, "loss.lam must be >= 0")
+        _check(0.0 <= self.confidence < 1.0, "loss.confidence must be in [0, 1)")
+        _check(0.0 <= self.warmup_frac <= 1.0, "loss.warmup_frac must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    n_clusters: int | None = None  # None: estimated without labels
+    recluster_every: int | None = 5  # epochs between K-means rounds; None = never (code)
+    normalize: bool = True  # cluster on the unit sphere, where the contrastive loss acts
+    alpha: float = 1.0  # Student's t degrees of freedom
+    n_init: int = 10  # k-means++ restarts, best inertia kept
+    max_iter: int = 100
+    pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
+    final: Literal["kmeans", "head"] = "kmeans"  # final labels: K-means on embedding or argmax q
+
+    def __post_init__(self) -> None:
+        _check(self.n_clusters is None or self.n_clusters >= 2, "cluster.n_clusters must be >= 2")
+        _check(
+            self.recluster_every is None or self.recluster_every >= 1,
+            "cluster.recluster_every must be >= 1 or null (never)",
+        )
+        _check(self.alpha > 0, "cluster.alpha must be > 0")
+        _check(self.n_init >= 1, "cluster.n_init must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = None  # None: chosen from the cell count (see train.loop.auto_epochs)
+    target_steps: int = 300  # the auto schedule aims at this many optimiser steps
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"  # "auto" picks cuda when available
+
+    def __post_init__(self) -> None:
+        _check(self.epochs is None or self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.batch_size >= 4, "train.batch_size must be >= 4")
+        _check(self.lr > 0, "train.lr must be > 0")
+
+
+@dataclass(frozen=True)
+class CICLConfig:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CICLConfig:
+        return with_overrides(cls(), _flatten(data))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> CICLConfig:
+        return with_overrides(self, overrides)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "preset":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _valid_keys() -> list[str]:
+    return list(CICLConfig().flat())
+
+
+def with_overrides(cfg: CICLConfig, overrides: dict[str, Any]) -> CICLConfig:
+    """Return a copy of ``cfg`` with dotted-key overrides applied; unknown keys are refused."""
+    overrides = dict(overrides)
+    if "preset" in overrides:
+        cfg = preset(str(overrides.pop("preset")))
+    valid = _valid_keys()
+    groups: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{key}'.{hint}")
+        if "." in key:
+            g, name = key.split(".", 1)
+            groups.setdefault(g, {})[name] = value
+        else:
+            top[key] = value
+    try:
+        kwargs = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in groups.items()}
+        return dataclasses.replace(cfg, **kwargs, **top)
+    except TypeError as exc:  # pragma: no cover - keys are validated above
+        raise ConfigError(str(exc)) from exc
+
+
+def _coerce_types(cfg: CICLConfig) -> None:
+    """Refuse values of the wrong type (YAML strings where numbers belong, etc.)."""
+    for group in fields(cfg):
+        obj = getattr(cfg, group.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        default = type(obj)()
+        for f in fields(obj):
+            v, d = getattr(obj, f.name), getattr(default, f.name)
+            if v is None or d is None:
+                continue
+            if isinstance(d, bool) != isinstance(v, bool) or (
+                isinstance(d, (int, float)) and not isinstance(v, (int, float))
+            ):
+                raise ConfigError(
+                    f"{group.name}.{f.name} must be a {type(d).__name__}, got {v!r}"
+                )
+            if isinstance(d, int) and not isinstance(d, bool) and isinstance(v, float):
+                if not v.is_integer():
+                    raise ConfigError(f"{group.name}.{f.name} must be an integer, got {v!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CICLConfig:
+    """Load a YAML config (optionally with ``preset: reference``) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file '{p}' does not exist.")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file '{p}' must hold a mapping of keys to values.")
+        data = _flatten(loaded)
+    data.update(overrides or {})
+    cfg = with_overrides(CICLConfig(), data)
+    _coerce_types(cfg)
+    return cfg
+
+
+PRESETS = ("default", "reference")
+
+
+def preset(name: str) -> CICLConfig:
+    """Named configurations. ``reference`` reproduces the official code's behaviour."""
+    if name == "default":
+        return CICLConfig()
+    if name == "reference":
+        return CICLConfig(
+            model=ModelConfig(encoder="reference", proj_hidden=2048, proj_dim=512),
+            augment=AugmentConfig(
+                noise_std=0.5, noise_frac=0.8, mask_frac=0.0, neighbor_prob=0.0, resample="static"
+            ),
+            loss=LossConfig(
+                temperature=0.5, lam=0.1, cluster_loss="code", instance_loss="code", warmup_frac=0.0
+            ),
+            cluster=ClusterConfig(
+                recluster_every=None, pseudo_label_mode="train", final="kmeans", normalize=False
+            ),
+            train=TrainConfig(epochs=51, batch_size=6000, lr=1e-4, weight_decay=1e-3),
+        )
+    raise ConfigError(f"Unknown preset '{name}'. Choose one of: {', '.join(PRESETS)}.")

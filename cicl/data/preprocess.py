@@ -1,0 +1,134 @@
+"""Preprocessing with scanpy: decide what X holds, then normalise/log/HVG/scale/PCA.
+
+The decision is recorded, because a pipeline that logs already-logged data (or normalises
+RPKM as if it were counts) silently ruins clustering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+
+from cicl.config import PreprocessConfig
+
+ValueKind = Literal["counts", "unlogged", "log", "scaled"]
+
+
+@dataclass
+class Prepared:
+    """What the model consumes: scaled HVG matrix and its PCA, plus the decisions taken."""
+
+    x: np.ndarray  # (n_cells, n_genes_used) float32
+    pcs: np.ndarray  # (n_cells, n_pcs) float32
+    genes: np.ndarray  # names of the genes used
+    cell_mask: np.ndarray  # bool (n_cells_in,), cells kept
+    info: dict
+
+
+def _values(X) -> np.ndarray:
+    return X.data if sp.issparse(X) else np.asarray(X).ravel()
+
+
+def detect_values(X, sample: int = 2_000_000) -> ValueKind:
+    """Classify X: raw counts (non-negative integers), unlogged non-counts (e.g. RPKM/TPM,
+    max > 50), log-scale values, or already scaled (has negatives)."""
+    v = _values(X)
+    if v.size > sample:
+        v = v[np.random.default_rng(0).choice(v.size, sample, replace=False)]
+    if v.size == 0:
+        return "log"
+    if v.min() < 0:
+        return "scaled"
+    if np.all(v == np.round(v)):
+        return "counts"
+    if v.max() > 50:  # log1p(1e6 CPM) ~ 13.8: values this large are not on a log scale
+        return "unlogged"
+    return "log"
+
+
+def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = None) -> Prepared:
+    """Return the model input for ``adata`` without modifying it."""
+    X = adata.layers[layer] if layer is not None else adata.X
+    X = X.astype(np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    X = sp.csr_matrix(X)
+    work = ad.AnnData(X=X, var={"_name": np.asarray(adata.var_names)})
+    work.var_names = np.asarray(adata.var_names).astype(str)
+    work.obs_names = np.asarray(adata.obs_names).astype(str)
+    kind = detect_values(work.X)
+    steps: list[str] = []
+
+    cell_mask = np.ones(work.n_obs, dtype=bool)
+    if cfg.min_genes > 0:
+        n_expr = np.asarray((work.X > 0).sum(axis=1)).ravel()
+        cell_mask = n_expr >= cfg.min_genes
+        work = work[cell_mask].copy()
+        steps.append(f"kept {int(cell_mask.sum())} cells with >= {cfg.min_genes} genes")
+
+    if kind == "counts":
+        sc.pp.normalize_total(work, target_sum=1e4)
+        sc.pp.log1p(work)
+        steps += ["normalize_total(1e4)", "log1p"]
+    elif kind == "unlogged":
+        sc.pp.log1p(work)
+        steps.append("log1p (non-count, unlogged values: not normalised as counts)")
+    else:
+        steps.append(f"values are {kind}: no normalisation or log")
+
+    n_genes_in = work.n_vars
+    # genes constant across cells carry nothing and break HVG / scaling
+    var = np.asarray(work.X.power(2).mean(axis=0)).ravel() - np.asarray(work.X.mean(axis=0)).ravel() ** 2
+    keep = var > 1e-12
+    if not keep.all():
+        work = work[:, keep].copy()
+        steps.append(f"dropped {int((~keep).sum())} constant genes")
+    if kind != "scaled" and work.n_vars > cfg.n_top_genes:
+        sc.pp.highly_variable_genes(work, n_top_genes=cfg.n_top_genes, flavor="seurat")
+        work = work[:, work.var["highly_variable"].to_numpy()].copy()
+        steps.append(f"highly_variable_genes(n_top_genes={cfg.n_top_genes}, flavor='seurat')")
+    elif kind == "scaled" and work.n_vars > cfg.n_top_genes:
+        v = np.asarray(work.X.toarray().var(axis=0))
+        top = np.sort(np.argsort(-v)[: cfg.n_top_genes])
+        work = work[:, top].copy()
+        steps.append(f"top {cfg.n_top_genes} genes by variance")
+    else:
+        steps.append(f"kept all {work.n_vars} genes (<= n_top_genes={cfg.n_top_genes})")
+
+    x = work.X.toarray().astype(np.float32)
+    if cfg.scale and kind != "scaled":
+        mu, sd = x.mean(0), x.std(0)
+        sd[sd == 0] = 1.0
+        x = np.clip((x - mu) / sd, -cfg.max_value, cfg.max_value).astype(np.float32)
+        steps.append(f"scale(max_value={cfg.max_value})")
+    n_pcs = int(min(cfg.n_pcs, x.shape[0] - 1, x.shape[1] - 1))
+    pcs = _pca(x, n_pcs)
+    steps.append(f"pca(n_comps={n_pcs})")
+    info = {
+        "values": kind,
+        "steps": steps,
+        "n_cells": int(x.shape[0]),
+        "n_genes_input": int(n_genes_in),
+        "n_genes_used": int(x.shape[1]),
+        "n_pcs": n_pcs,
+    }
+    return Prepared(x=x, pcs=pcs, genes=np.asarray(work.var_names), cell_mask=cell_mask, info=info)
+
+
+def _pca(x: np.ndarray, n: int) -> np.ndarray:
+    """Exact PCA through the SVD of the centred matrix (deterministic, no arpack seed)."""
+    xc = x - x.mean(0, keepdims=True)
+    if min(xc.shape) <= 3000:
+        u, s, _ = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
+    else:  # pragma: no cover - large gene counts
+        from sklearn.utils.extmath import randomized_svd
+
+        u, s, _ = randomized_svd(xc, n, random_state=0)
+    u, s = u[:, :n], s[:n]
+    # sign convention: largest |u| entry positive, so results do not depend on LAPACK
+    signs = np.sign(u[np.abs(u).argmax(0), np.arange(n)])
+    signs[signs == 0] = 1
+    return (u * s * signs).astype(np.float32)

@@ -1,0 +1,87 @@
+"""Contrastive losses on L2-normalised projections ``z1``, ``z2`` (B, D) of two views.
+
+``paper_cluster_loss`` is the cluster-aware loss as printed in arXiv 2312.16600: every
+same-pseudo-label sample in both views is a positive (self excluded) and only different-label
+samples form the denominator. ``code_cluster_loss`` is the official code's variant (twin as the
+only positive, same-cluster cells removed, summed over clusters). Instance terms: symmetric
+NT-Xent, or the code's one-directional cross-view InfoNCE.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = -1e9
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR NT-Xent over 2B anchors: the twin is the positive, the other 2B-2 negatives."""
+    z = torch.cat([z1, z2])
+    n = z.shape[0]
+    b = z1.shape[0]
+    sim = z @ z.T / tau
+    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), NEG_INF)
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def code_instance_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """Official code's InfoNCE: view-1 anchors only, B cross-view candidates."""
+    target = torch.arange(z1.shape[0], device=z1.device)
+    return F.cross_entropy(z1 @ z2.T / tau, target)
+
+
+def paper_cluster_loss(
+    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, tau: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over anchors of -log(sum_pos exp(s/tau) / sum_neg exp(s/tau)).
+
+    Anchors without a different-label sample in the batch (or not ``valid``) are skipped;
+    invalid samples are neither positives nor negatives.
+    """
+    z = torch.cat([z1, z2])
+    lab = torch.cat([labels, labels])
+    ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
+    n = z.shape[0]
+    sim = z @ z.T / tau
+    same = lab[:, None] == lab[None, :]
+    pair_ok = ok[:, None] & ok[None, :]
+    pos = same & pair_ok & ~torch.eye(n, dtype=torch.bool, device=z.device)
+    neg = ~same & pair_ok
+    anchors = ok & neg.any(1) & pos.any(1)
+    if not anchors.any():
+        return z.sum() * 0.0
+    lpos = torch.logsumexp(sim.masked_fill(~pos, NEG_INF), dim=1)
+    lneg = torch.logsumexp(sim.masked_fill(~neg, NEG_INF), dim=1)
+    return (lneg - lpos)[anchors].mean()
+
+
+def code_cluster_loss(
+    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, tau: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Official code's ``CirculatePairConLoss``: per cluster c, anchors are both views of its
+    cells, the positive is the twin, negatives are both views of other-label cells; the mean
+    over the cluster's anchors is summed over clusters."""
+    b = z1.shape[0]
+    z = torch.cat([z1, z2])
+    lab = torch.cat([labels, labels])
+    ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
+    sim = z @ z.T / tau
+    twin = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    s_pos = sim[torch.arange(2 * b, device=z.device), twin]
+    neg = (lab[:, None] != lab[None, :]) & ok[:, None] & ok[None, :]
+    lneg = torch.logsumexp(sim.masked_fill(~neg, NEG_INF), dim=1)
+    per_anchor = torch.logaddexp(s_pos, lneg) - s_pos
+    per_anchor = torch.where(neg.any(1), per_anchor, torch.zeros_like(per_anchor))
+    total = z.sum() * 0.0
+    for c in torch.unique(lab[ok]):
+        m = (lab == c) & ok
+        total = total + per_anchor[m].mean()
+    return total
+
+
+INSTANCE_LOSSES = {"ntxent": ntxent, "code": code_instance_loss}
+CLUSTER_LOSSES = {"paper": paper_cluster_loss, "code": code_cluster_loss}

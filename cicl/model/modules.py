@@ -1,0 +1,207 @@
+"""Encoders and heads.
+
+``GeneModuleTransformer`` (default): genes are grouped into co-expression modules (balanced
+K-means on their PCA loadings, computed once from the data); each module becomes one token
+(its genes' expression times a per-module weight matrix plus a module embedding), a CLS token is
+prepended, and a pre-norm Transformer lets modules attend to each other. Attention therefore
+mixes many distinct tokens, unlike the official single-token encoder, where softmax over one key
+is identically 1 and Q/K are dead.
+
+``ReferenceEncoder``: the official code's encoder written as what it computes (method.md 2.2):
+residual MLP blocks at width G with a non-learnable LayerNorm, so the embedding dimension is G.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cicl.config import ModelConfig
+
+
+def balanced_gene_groups(loadings: np.ndarray, n_groups: int, seed: int = 0) -> np.ndarray:
+    """Split genes into ``n_groups`` co-expression modules of (almost) equal size.
+
+    K-means on the cosine-normalised gene loadings gives module centres; genes are then
+    assigned greedily, nearest pair first, to centres with free capacity ceil(G / n_groups).
+    Returns an index matrix (n_groups, capacity) into genes, padded with G (a zero column).
+    """
+    from cicl.cluster.kmeans import kmeans
+
+    g = loadings.shape[0]
+    n_groups = min(n_groups, g)
+    cap = -(-g // n_groups)
+    v = loadings / np.maximum(np.linalg.norm(loadings, axis=1, keepdims=True), 1e-12)
+    vt = torch.from_numpy(v.astype(np.float32))
+    res = kmeans(vt, n_groups, n_init=3, seed=seed)
+    d = torch.cdist(vt, res.centroids).numpy()
+    order = np.argsort(d, axis=None, kind="stable")
+    owner = np.full(g, -1)
+    fill = np.zeros(n_groups, dtype=int)
+    for flat in order:
+        gene, grp = divmod(int(flat), n_groups)
+        if owner[gene] >= 0 or fill[grp] >= cap:
+            continue
+        owner[gene] = grp
+        fill[grp] += 1
+    idx = np.full((n_groups, cap), g, dtype=np.int64)
+    for grp in range(n_groups):
+        members = np.flatnonzero(owner == grp)
+        idx[grp, : len(members)] = members
+    return idx
+
+
+class GeneModuleTransformer(nn.Module):
+    def __init__(
+        self, n_genes: int, groups: np.ndarray, cfg: ModelConfig,
+        pca_init: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        super().__init__()
+        t, s = groups.shape
+        self.register_buffer("groups", torch.as_tensor(groups, dtype=torch.long))
+        self.tok_w = nn.Parameter(torch.randn(t, s, cfg.d_model) / np.sqrt(s))
+        self.tok_b = nn.Parameter(torch.zeros(t, cfg.d_model))  # module identity embedding
+        nn.init.normal_(self.tok_b, std=0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.embed_dim)
+        self.embed_dim = cfg.embed_dim
+        self.skip: nn.Linear | None = None
+        if pca_init is not None:
+            # PCA residual path: h = PCA(x) + Transformer(x), the Transformer branch starting
+            # at zero, so training starts from the PCA embedding and only moves what it learns
+            w, b = pca_init
+            self.skip = nn.Linear(n_genes, cfg.embed_dim)
+            with torch.no_grad():
+                self.skip.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+                self.skip.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+                self.out.weight.mul_(cfg.residual_init)
+                self.out.bias.zero_()
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        xp = F.pad(x, (0, 1))  # column G is the zero padding gene
+        xg = xp[:, self.groups]  # (B, T, S)
+        return torch.einsum("bts,tsd->btd", xg, self.tok_w) + self.tok_b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tok = self.tokens(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), tok], dim=1)
+        h = self.blocks(h)
+        out = self.out(self.norm(h[:, 0]))
+        return out if self.skip is None else out + self.skip(x)
+
+
+class _RefBlock(nn.Module):
+    def __init__(self, g: int, hidden: int, dropout: float):
+        super().__init__()
+        self.v = nn.Linear(g, hidden, bias=False)
+        self.o = nn.Linear(hidden, g, bias=False)
+        self.ln1 = nn.LayerNorm(g)
+        self.ln2 = nn.LayerNorm(g)
+        self.ff = nn.Sequential(
+            nn.Linear(g, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, g)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.layer_norm(self.o(self.v(x)) + x, x.shape[-1:])  # fresh, non-learnable LN
+        s = self.ln1(x + self.drop(a))
+        return self.ln2(s + self.drop(self.ff(s)))
+
+
+class ReferenceEncoder(nn.Module):
+    def __init__(self, n_genes: int, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *[_RefBlock(n_genes, cfg.ref_hidden, cfg.ref_dropout) for _ in range(cfg.ref_layers)]
+        )
+        self.norm = nn.LayerNorm(n_genes)
+        self.embed_dim = n_genes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x))
+
+
+class MLPEncoder(nn.Module):
+    """Plain MLP encoder (G -> 512 -> 256 -> embed_dim), a baseline for the Transformer."""
+
+    def __init__(self, n_genes: int, cfg: ModelConfig, pca_init=None):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_genes, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+            nn.Linear(256, cfg.embed_dim),
+        )
+        self.embed_dim = cfg.embed_dim
+        self.skip: nn.Linear | None = None
+        if pca_init is not None:
+            w, b = pca_init
+            self.skip = nn.Linear(n_genes, cfg.embed_dim)
+            with torch.no_grad():
+                self.skip.weight.copy_(torch.as_tensor(w))
+                self.skip.bias.copy_(torch.as_tensor(b))
+                self.net[-1].weight.mul_(cfg.residual_init)
+                self.net[-1].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if self.skip is None else out + self.skip(x)
+
+
+class ProjectionHead(nn.Module):
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(h), dim=1)
+
+
+def pca_projection(x: np.ndarray, pcs: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (dim, G) and bias (dim,) of the linear map x -> top-``dim`` PC scores, scaled so
+    the mean per-dimension variance is 1 (relative PC scales, and so K-means on it, unchanged)."""
+    dim = min(dim, pcs.shape[1])
+    p = pcs[:, :dim].astype(np.float64)
+    mu = x.mean(0).astype(np.float64)
+    v = ((x - mu).T.astype(np.float64) @ p) / np.maximum((p * p).sum(0), 1e-12)  # (G, dim)
+    scale = np.sqrt(np.maximum(p.var(0).mean(), 1e-12))
+    w = (v / scale).T
+    b = -(mu @ v) / scale
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def student_t(h: torch.Tensor, centroids: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Soft assignment q_ik ∝ (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2) (DEC / the paper)."""
+    d2 = torch.cdist(h, centroids).pow(2)
+    q = (1.0 + d2 / alpha).pow(-(alpha + 1.0) / 2.0)
+    return q / q.sum(1, keepdim=True)
+
+
+class CICLModel(nn.Module):
+    """Encoder + projection head; the clustering head's centroids live in the training loop
+    (they are re-fitted by K-means, not learned by gradient)."""
+
+    def __init__(
+        self, n_genes: int, cfg: ModelConfig, groups: np.ndarray | None = None,
+        pca_init: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        super().__init__()
+        if cfg.encoder == "transformer":
+            if groups is None:
+                raise ValueError("the transformer encoder needs gene groups")
+            self.encoder: nn.Module = GeneModuleTransformer(n_genes, groups, cfg, pca_init)
+        elif cfg.encoder == "mlp":
+            self.encoder = MLPEncoder(n_genes, cfg, pca_init)
+        else:
+            self.encoder = ReferenceEncoder(n_genes, cfg)
+        self.head = ProjectionHead(self.encoder.embed_dim, cfg.proj_hidden, cfg.proj_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return h, self.head(h)
