@@ -44,7 +44,8 @@ class ModelConfig:
     ffn_dim: int = 128
     dropout: float = 0.1
     embed_dim: int = 32
-    pca_residual: bool = True  # h = PCA(x) + Transformer(x); Transformer branch starts small
+    cell_token: bool = True  # CLS token = linear read-out of the whole profile
+    pca_residual: bool = False  # h = PCA(x) + Transformer(x); Transformer branch starts small
     residual_init: float = 0.1  # initial scale of the Transformer branch's output layer
     # reference (official code): residual MLP blocks at width G, embedding dim = G
     ref_layers: int = 4
@@ -83,6 +84,7 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class LossConfig:
     temperature: float = 0.5
+    kernel: Literal["cosine", "student_t"] = "cosine"  # similarity in the contrastive losses
     lam: float = 1.0  # weight of the cluster-aware term
     cluster_loss: Literal["paper", "code"] = "paper"
     instance_loss: Literal["ntxent", "code"] = "ntxent"
@@ -100,12 +102,17 @@ class LossConfig:
 class ClusterConfig:
     n_clusters: int | None = None  # None: estimated without labels
     recluster_every: int | None = 5  # epochs between K-means rounds; None = never (code)
-    normalize: bool = True  # cluster on the unit sphere, where the contrastive loss acts
+    # where K-means, Student's t and final labels work: "sphere" = L2-normalised embedding
+    # (where the contrastive loss acts), "euclidean" = raw embedding, "hybrid" = the
+    # normalised embedding concatenated with the input's PCA (each block weighted equally)
+    space: Literal["sphere", "euclidean", "hybrid"] = "hybrid"
+    pca_weight: float = 2.0  # hybrid: weight of the PCA block relative to the embedding block
     alpha: float = 1.0  # Student's t degrees of freedom
     n_init: int = 10  # k-means++ restarts, best inertia kept
     max_iter: int = 100
     pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
-    final: Literal["kmeans", "head"] = "kmeans"  # final labels: K-means on embedding or argmax q
+    final: Literal["kmeans", "ward", "head"] = "kmeans"  # final labels: K-means / Ward on the
+    # clustering space, or argmax of the Student's t head
 
     def __post_init__(self) -> None:
         _check(self.n_clusters is None or self.n_clusters >= 2, "cluster.n_clusters must be >= 2")
@@ -120,7 +127,9 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int | None = None  # None: chosen from the cell count (see train.loop.auto_epochs)
-    target_steps: int = 300  # the auto schedule aims at this many optimiser steps
+    auto_epochs: int = 20  # auto schedule: this many passes over the data ...
+    min_steps: int = 100  # ... but at least this many optimiser steps ...
+    max_steps: int = 600  # ... and at most this many
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -270,7 +279,7 @@ def preset(name: str) -> CICLConfig:
                 temperature=0.5, lam=0.1, cluster_loss="code", instance_loss="code", warmup_frac=0.0
             ),
             cluster=ClusterConfig(
-                recluster_every=None, pseudo_label_mode="train", final="kmeans", normalize=False
+                recluster_every=None, pseudo_label_mode="train", final="kmeans", space="euclidean"
             ),
             train=TrainConfig(epochs=51, batch_size=6000, lr=1e-4, weight_decay=1e-3),
         )

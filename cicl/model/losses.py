@@ -15,26 +15,36 @@ import torch.nn.functional as F
 NEG_INF = -1e9
 
 
-def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+def similarity(a: torch.Tensor, b: torch.Tensor, kernel: str = "cosine") -> torch.Tensor:
+    """Pairwise similarity logits: cosine (inputs L2-normalised) or the Student's t / Cauchy
+    kernel log(1 / (1 + ||a - b||^2)), the same kernel as the clustering head, which keeps the
+    embedding Euclidean (t-SimCNE-style) so K-means and PCA geometry stay meaningful."""
+    if kernel == "cosine":
+        return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    d2 = (a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]
+    return -torch.log1p(d2.clamp_min(0))
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float, kernel: str = "cosine") -> torch.Tensor:
     """SimCLR NT-Xent over 2B anchors: the twin is the positive, the other 2B-2 negatives."""
     z = torch.cat([z1, z2])
     n = z.shape[0]
     b = z1.shape[0]
-    sim = z @ z.T / tau
+    sim = similarity(z, z, kernel) / tau
     sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), NEG_INF)
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return F.cross_entropy(sim, target)
 
 
-def code_instance_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+def code_instance_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float, kernel: str = "cosine") -> torch.Tensor:
     """Official code's InfoNCE: view-1 anchors only, B cross-view candidates."""
     target = torch.arange(z1.shape[0], device=z1.device)
-    return F.cross_entropy(z1 @ z2.T / tau, target)
+    return F.cross_entropy(similarity(z1, z2, kernel) / tau, target)
 
 
 def paper_cluster_loss(
     z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, tau: float,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, kernel: str = "cosine",
 ) -> torch.Tensor:
     """Mean over anchors of -log(sum_pos exp(s/tau) / sum_neg exp(s/tau)).
 
@@ -45,7 +55,7 @@ def paper_cluster_loss(
     lab = torch.cat([labels, labels])
     ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
     n = z.shape[0]
-    sim = z @ z.T / tau
+    sim = similarity(z, z, kernel) / tau
     same = lab[:, None] == lab[None, :]
     pair_ok = ok[:, None] & ok[None, :]
     pos = same & pair_ok & ~torch.eye(n, dtype=torch.bool, device=z.device)
@@ -60,7 +70,7 @@ def paper_cluster_loss(
 
 def code_cluster_loss(
     z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, tau: float,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, kernel: str = "cosine",
 ) -> torch.Tensor:
     """Official code's ``CirculatePairConLoss``: per cluster c, anchors are both views of its
     cells, the positive is the twin, negatives are both views of other-label cells; the mean
@@ -69,7 +79,7 @@ def code_cluster_loss(
     z = torch.cat([z1, z2])
     lab = torch.cat([labels, labels])
     ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
-    sim = z @ z.T / tau
+    sim = similarity(z, z, kernel) / tau
     twin = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     s_pos = sim[torch.arange(2 * b, device=z.device), twin]
     neg = (lab[:, None] != lab[None, :]) & ok[:, None] & ok[None, :]

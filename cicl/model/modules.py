@@ -64,6 +64,9 @@ class GeneModuleTransformer(nn.Module):
         self.tok_w = nn.Parameter(torch.randn(t, s, cfg.d_model) / np.sqrt(s))
         self.tok_b = nn.Parameter(torch.zeros(t, cfg.d_model))  # module identity embedding
         nn.init.normal_(self.tok_b, std=0.02)
+        # the cell token starts from a linear read-out of the whole profile and then attends to
+        # the module tokens (the learned constant CLS of ViT/BERT had no cell-level input)
+        self.cell_token = nn.Linear(n_genes, cfg.d_model) if cfg.cell_token else None
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         layer = nn.TransformerEncoderLayer(
             cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout,
@@ -92,7 +95,10 @@ class GeneModuleTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tok = self.tokens(x)
-        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), tok], dim=1)
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        if self.cell_token is not None:
+            cls = cls + self.cell_token(x)[:, None, :]
+        h = torch.cat([cls, tok], dim=1)
         h = self.blocks(h)
         out = self.out(self.norm(h[:, 0]))
         return out if self.skip is None else out + self.skip(x)
@@ -160,7 +166,7 @@ class ProjectionHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(h), dim=1)
+        return self.net(h)  # the loss' kernel normalises (cosine) or not (Student's t)
 
 
 def pca_projection(x: np.ndarray, pcs: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
+from cicl.cluster.ward import ward_labels
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
 from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
@@ -43,13 +44,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def auto_epochs(n_cells: int, batch_size: int, target_steps: int) -> int:
-    """Epochs so that training takes about ``target_steps`` optimiser steps.
-
-    A fixed step budget (not a fixed epoch count) keeps small datasets from being memorised by
-    the instance term and gives large ones enough passes."""
+def auto_epochs(n_cells: int, batch_size: int, epochs: int, min_steps: int, max_steps: int) -> int:
+    """Epochs so that training takes ``epochs`` passes, but between ``min_steps`` and
+    ``max_steps`` optimiser steps: small datasets are memorised by the instance term if trained
+    for many steps, large ones need passes to learn, and atlases are capped in cost."""
     steps_per_epoch = max(1, n_cells // min(batch_size, n_cells))
-    return max(1, math.ceil(target_steps / steps_per_epoch))
+    steps = min(max(epochs * steps_per_epoch, min_steps), max_steps)
+    return max(1, math.ceil(steps / steps_per_epoch))
 
 
 def knn_indices(pcs: np.ndarray, k: int) -> np.ndarray:
@@ -103,11 +104,14 @@ def train(
     nbr = torch.from_numpy(knn_indices(pcs, cfg.augment.n_neighbors)).to(device)
 
     bs = min(cfg.train.batch_size, n)
-    epochs = cfg.train.epochs or auto_epochs(n, bs, cfg.train.target_steps)
+    epochs = cfg.train.epochs or auto_epochs(
+        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
+    )
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
     inst_fn = INSTANCE_LOSSES[cfg.loss.instance_loss]
     clu_fn = CLUSTER_LOSSES[cfg.loss.cluster_loss]
     tau = cfg.loss.temperature
+    kern = cfg.loss.kernel
 
     def nbr_rows(idx: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(nbr.shape[1], (idx.shape[0],), generator=gen).to(device)
@@ -121,8 +125,26 @@ def train(
             augment(xt, nbr_rows(all_idx), cfg.augment, gen),
         )
 
-    def space(h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(h, dim=1) if cfg.cluster.normalize else h
+    pca_block = None
+    if cfg.cluster.space == "hybrid":
+        p = torch.from_numpy(np.ascontiguousarray(pcs, dtype=np.float32)).to(device)
+        p = p - p.mean(0)
+        pca_block = p * (cfg.cluster.pca_weight / p.pow(2).sum(1).mean().sqrt())
+
+    def space(h: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        if cfg.cluster.space == "euclidean":
+            return h
+        h = F.normalize(h, dim=1)
+        if pca_block is None:
+            return h
+        blk = pca_block if idx is None else pca_block[idx]
+        return torch.cat([h, blk], dim=1)
+
+    def pseudo_labels(res: KMeansResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clustering head: Student's t soft assignment of every cell to the round's centroids
+        (argmax = nearest centroid; the max probability is the confidence)."""
+        h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
+        return student_t(h, res.centroids, cfg.cluster.alpha).max(1)
 
     def recluster(epoch: int, prev: KMeansResult | None) -> KMeansResult:
         h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
@@ -134,6 +156,7 @@ def train(
         return res
 
     km = recluster(0, None)
+    conf_all, lab_all = pseudo_labels(km)
     history: list[dict] = []
     prev_labels = km.labels.clone()
     steps = 0
@@ -154,17 +177,12 @@ def train(
                 v2 = augment(xb, nbr_rows(idx), cfg.augment, gen)
             _, z1 = model(v1)
             _, z2 = model(v2)
-            loss_i = inst_fn(z1, z2, tau)
+            loss_i = inst_fn(z1, z2, tau, kern)
             loss = loss_i
             loss_c = torch.zeros(())
             if use_cluster:
-                with torch.no_grad():
-                    model.train(cfg.cluster.pseudo_label_mode == "train")
-                    q = student_t(space(model.encoder(xb)), km.centroids, cfg.cluster.alpha)
-                    model.train()
-                conf, lab = q.max(1)
-                valid = conf >= cfg.loss.confidence
-                loss_c = clu_fn(z1, z2, lab, tau, valid)
+                valid = conf_all[idx] >= cfg.loss.confidence
+                loss_c = clu_fn(z1, z2, lab_all[idx], tau, valid, kern)
                 loss = loss + cfg.loss.lam * loss_c
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -175,8 +193,12 @@ def train(
             inst_tot += loss_i.item()
             clu_tot += loss_c.item()
         every = cfg.cluster.recluster_every
+        if every is None and use_cluster:
+            # official code: centroids fixed, pseudo-labels re-derived as the embedding moves
+            conf_all, lab_all = pseudo_labels(km)
         if every is not None and (epoch % every == 0 or epoch == epochs):
             km = recluster(epoch, km)
+            conf_all, lab_all = pseudo_labels(km)
             changed = float((km.labels != prev_labels).float().mean())
             prev_labels = km.labels.clone()
             rec = {
@@ -198,6 +220,9 @@ def train(
     if cfg.cluster.final == "kmeans":
         final = kmeans(h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed)
         labels, cents = final.labels, final.centroids
+    elif cfg.cluster.final == "ward":
+        labels = ward_labels(h, n_clusters, seed=cfg.seed)
+        cents = torch.stack([h[labels == c].mean(0) for c in range(n_clusters)])
     else:
         labels = student_t(h, km.centroids, cfg.cluster.alpha).argmax(1)
         cents = km.centroids

@@ -1,0 +1,107 @@
+"""scanpy-style entry point: ``cicl.fit(adata, n_clusters=None, ...)``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from cicl._keys import DEFAULT_KEY, embedding_key
+from cicl.config import CICLConfig
+from cicl.data.io import check_matrix
+from cicl.data.preprocess import preprocess
+from cicl.errors import InputError
+from cicl.train.loop import TrainResult, train
+
+
+def fit(
+    adata: ad.AnnData,
+    n_clusters: int | None = None,
+    *,
+    config: CICLConfig | None = None,
+    layer: str | None = None,
+    key_added: str = DEFAULT_KEY,
+    copy: bool = False,
+    progress: bool = True,
+) -> ad.AnnData | None:
+    """Cluster cells with CICL.
+
+    ``adata.X`` (or ``layer``) is never modified. When ``n_clusters`` is None it is estimated
+    without labels (scanpy's default Leiden on the PCA; see ``cicl.data.estimate``).
+
+    Sets the following fields:
+
+    - ``obs[key_added]``: cluster labels, categorical of strings ``"0"``, ``"1"``, ...
+    - ``obsm["X_" + key_added]``: the encoder embedding (cells x embed_dim).
+    - ``uns[key_added]``: ``params`` (the full config), ``preprocess`` (every decision taken on
+      the input), ``n_clusters`` and ``n_clusters_source``, ``centroids``, ``history`` (one
+      record per reclustering round), ``epochs``, ``steps``, ``seconds``.
+
+    Returns ``adata`` if ``copy`` else None.
+    """
+    cfg = config or CICLConfig()
+    if n_clusters is not None:
+        cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
+    adata = adata.copy() if copy else adata
+    check_matrix(adata, layer)
+    t0 = time.perf_counter()
+    prep = preprocess(adata, cfg.preprocess, layer=layer)
+    k, source = _choose_k(cfg, prep.pcs)
+    res = train(prep.x, prep.pcs, k, cfg, progress=progress)
+    write_result(adata, res, cfg, prep.info, k, source, key_added, time.perf_counter() - t0)
+    return adata if copy else None
+
+
+def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
+    n = pcs.shape[0]
+    k = cfg.cluster.n_clusters
+    if k is None:
+        from cicl.data.estimate import estimate_n_clusters
+
+        return estimate_n_clusters(pcs, seed=cfg.seed), "estimated: Leiden(resolution=1.0) on PCA"
+    if k > n:
+        raise InputError(f"--n-clusters {k} exceeds the number of cells ({n}). Use fewer clusters.")
+    return k, "given"
+
+
+def write_result(
+    adata: ad.AnnData, res: TrainResult, cfg: CICLConfig, prep_info: dict, k: int,
+    source: str, key_added: str, seconds: float,
+) -> None:
+    labels = res.labels.astype(int)
+    cats = [str(i) for i in range(k)]
+    adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
+    adata.obsm[embedding_key(key_added)] = res.embedding.astype(np.float32)
+    adata.uns[key_added] = {
+        "params": _h5_safe(cfg.to_dict()),
+        "preprocess": _h5_safe(prep_info),
+        "n_clusters": int(k),
+        "n_clusters_source": source,
+        "centroids": res.centroids.astype(np.float32),
+        "history": pd.DataFrame(res.history).to_dict(orient="list") if res.history else {},
+        "epochs": int(res.epochs),
+        "steps": int(res.steps),
+        "seconds": float(seconds),
+    }
+
+
+def _h5_safe(d: Any) -> Any:
+    """h5ad cannot store None: write it as the string 'none'."""
+    if isinstance(d, dict):
+        return {k: _h5_safe(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_h5_safe(v) for v in d]
+    return "none" if d is None else d
+
+
+def score(labels: np.ndarray, truth: pd.Series) -> dict[str, float]:
+    """ARI and NMI against a label column: reported only, never used to choose anything."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {
+        "ari": float(adjusted_rand_score(truth, labels)),
+        "nmi": float(normalized_mutual_info_score(truth, labels)),
+    }

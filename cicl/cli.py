@@ -1,0 +1,165 @@
+"""Command line: ``cicl fit``, ``cicl config``. ``main(argv) -> int``; user errors exit 2
+with one line on stderr and no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cicl.config import PRESETS, ConfigError, load_config
+from cicl.errors import CICLError
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'.")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _positive_int(name: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise CICLError(f"{name} must be an integer, got '{value}'.") from None
+    if k < 2:
+        raise CICLError(f"{name} must be >= 2, got {k}.")
+    return k
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cicl",
+        description="Cluster single-cell RNA-seq data with CICL (cluster-aware iterative "
+        "contrastive learning).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="cluster one dataset and write the annotated .h5ad")
+    f.add_argument("input", help=".h5ad, 10x .h5, .loom, .csv/.tsv or a 10x matrix folder")
+    f.add_argument("--out", "-o", required=True, help="output .h5ad (never the input)")
+    f.add_argument("--n-clusters", "-k", default=None,
+                   help="number of clusters (default: estimated without labels)")
+    f.add_argument("--label-key", default=None,
+                   help="obs column with known labels: ARI/NMI are reported, never used to choose")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--config", "-c", default=None, help="YAML config file")
+    f.add_argument("--preset", choices=PRESETS, default=None,
+                   help="'reference' reproduces the official code's behaviour")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set loss.temperature=0.3")
+    f.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
+    f.add_argument("--key-added", default="cicl")
+    f.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    f.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("config", help="show or validate configurations")
+    c.add_argument("action", choices=["show", "validate"])
+    c.add_argument("file", nargs="?", default=None)
+    c.add_argument("--preset", choices=PRESETS, default=None)
+    return p
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from cicl.api import fit, score
+    from cicl.data.io import check_output, read_input, write_h5ad_atomic
+
+    overrides = _parse_set(args.set)
+    if args.preset:
+        overrides = {"preset": args.preset, **overrides}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = load_config(args.config, overrides)
+    k = _positive_int("--n-clusters", args.n_clusters)
+    out = check_output(args.input, args.out, args.force)
+    t0 = time.perf_counter()
+    adata = read_input(args.input)
+    if args.label_key is not None:
+        if args.label_key not in adata.obs:
+            raise CICLError(
+                f"--label-key '{args.label_key}' is not an obs column; "
+                f"available: {', '.join(map(str, adata.obs.columns)) or 'none'}."
+            )
+        if adata.obs[args.label_key].isna().any():
+            raise CICLError(f"--label-key '{args.label_key}' has missing values.")
+    if k is not None and k > adata.n_obs:
+        raise CICLError(f"--n-clusters {k} exceeds the number of cells ({adata.n_obs}).")
+    fit(adata, k, config=cfg, layer=args.layer, key_added=args.key_added,
+        progress=not args.quiet and sys.stderr.isatty())
+    info = adata.uns[args.key_added]
+    result: dict[str, Any] = {
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
+        "values": info["preprocess"]["values"],
+        "n_clusters": int(info["n_clusters"]),
+        "n_clusters_source": info["n_clusters_source"],
+        "epochs": int(info["epochs"]),
+        "steps": int(info["steps"]),
+    }
+    if args.label_key is not None:
+        result.update(score(adata.obs[args.key_added].to_numpy(), adata.obs[args.label_key]))
+    write_h5ad_atomic(adata, out)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["output"] = str(out)
+    _summary(adata, args.key_added, result)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _summary(adata, key: str, r: dict[str, Any]) -> None:
+    sizes = adata.obs[key].value_counts().sort_index()
+    lines = [
+        f"CICL: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}; "
+        f"{r['n_genes_used']} genes used)",
+        f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
+        f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
+        f"  training: {r['epochs']} epochs, {r['steps']} steps; total {r['seconds']:.1f} s",
+    ]
+    if "ari" in r:
+        lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
+    lines.append(f"  wrote {r['output']}: obs['{key}'], obsm['X_{key}'], uns['{key}']")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    overrides = {"preset": args.preset} if args.preset else {}
+    cfg = load_config(args.file, overrides)
+    if args.action == "show":
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    else:
+        print(f"{args.file or 'defaults'}: valid")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        if args.command == "fit":
+            return cmd_fit(args)
+        return cmd_config(args)
+    except (CICLError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Reading any input scanpy understands, and writing results without ever leaving a
+half-written file or overwriting the user's data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from cicl.errors import InputError
+
+READERS = {
+    ".h5ad": "h5ad",
+    ".h5": "10x_h5",
+    ".loom": "loom",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "tsv",
+    ".mtx": "10x_mtx",
+}
+
+
+def read_input(path: str | Path) -> ad.AnnData:
+    """Read ``.h5ad``, 10x ``.h5``, ``.loom``, ``.csv``/``.tsv`` (cells x genes, first column
+    = cell names) or a 10x matrix folder, dense or sparse."""
+    import scanpy as sc
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"Input '{p}' does not exist. Check the path.")
+    kind = "10x_mtx" if p.is_dir() else READERS.get(p.suffix.lower())
+    if p.suffix.lower() == ".gz" and len(p.suffixes) >= 2:
+        kind = READERS.get(p.suffixes[-2].lower())
+    if kind is None:
+        raise InputError(
+            f"Cannot read '{p}': unknown format '{p.suffix}'. "
+            "Give an .h5ad, 10x .h5, .loom, .csv/.tsv file or a 10x matrix folder."
+        )
+    try:
+        if kind == "h5ad":
+            adata = ad.read_h5ad(p)
+        elif kind == "10x_h5":
+            adata = sc.read_10x_h5(p)
+        elif kind == "loom":
+            adata = sc.read_loom(p)
+        elif kind in ("csv", "tsv"):
+            adata = sc.read_csv(p, delimiter="," if kind == "csv" else "\t", first_column_names=True)
+        else:
+            adata = sc.read_10x_mtx(p if p.is_dir() else p.parent)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user problem
+        raise InputError(
+            f"Could not read '{p}' as {kind}: {type(exc).__name__}: {exc}. "
+            "Check that the file is complete and in the format its extension says."
+        ) from None
+    return adata
+
+
+def check_matrix(adata: ad.AnnData, layer: str | None = None) -> None:
+    """Refuse inputs that cannot be clustered, with a message that says what to do."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            f"The input has {adata.n_obs} cells and {adata.n_vars} genes; both must be > 0."
+        )
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"Layer '{layer}' not found; available: {list(adata.layers)}.")
+    X = adata.layers[layer] if layer is not None else adata.X
+    if X is None:
+        raise InputError("The input has no expression matrix (X is empty). Store counts in X.")
+    v = X.data if sp.issparse(X) else np.asarray(X)
+    if not np.issubdtype(v.dtype, np.number):
+        raise InputError(f"The expression matrix has non-numeric dtype {v.dtype}.")
+    if not np.all(np.isfinite(v)):
+        raise InputError(
+            "The expression matrix contains NaN or infinite values. Remove or impute them first."
+        )
+    if adata.n_obs < 10:
+        raise InputError(f"Only {adata.n_obs} cells: clustering needs at least 10.")
+
+
+def write_h5ad_atomic(adata: ad.AnnData, out: str | Path) -> None:
+    """Write to a temporary file in the target folder, then rename: readers never see a
+    truncated file, and an interrupted run leaves the old file (if any) intact."""
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp, compression="gzip")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output(inp: str | Path, out: str | Path, force: bool) -> Path:
+    """Refuse to overwrite the input, or an existing file without ``force``; check the folder."""
+    o = Path(out)
+    if o.suffix.lower() != ".h5ad":
+        raise InputError(f"Output '{o}' must end in .h5ad.")
+    if Path(inp).exists() and o.exists() and o.resolve() == Path(inp).resolve():
+        raise InputError("The output path is the input file. Choose another --out path.")
+    if o.exists() and not force:
+        raise InputError(f"Output '{o}' already exists. Pass --force to overwrite it.")
+    parent = o.parent if str(o.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"Output folder '{parent}' does not exist. Create it first.")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"Output folder '{parent}' is not writable.")
+    return o
