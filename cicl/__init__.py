@@ -1,12 +1,22 @@
-"""cicl: Cluster-aware Iterative Contrastive Learning for single-cell RNA-seq clustering."""
+"""cicl: Cluster-aware Iterative Contrastive Learning for single-cell RNA-seq clustering.
 
-from cicl.api import fit, score
-from cicl.config import CICLConfig, load_config, preset
-from cicl.data.synthetic import synthetic_adata
-from cicl.errors import CICLError, ConfigError, InputError
+Public names are imported lazily, so ``import cicl.model.losses`` (the maths layer) never
+pulls in AnnData, scanpy, Ray or MLflow.
+"""
 
-__all__ = [
-    "CICLConfig", "CICLError", "ConfigError", "InputError", "fit", "load_config", "preset",
-    "score", "synthetic_adata",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "fit": "cicl.api", "score": "cicl.api",
+    "CICLConfig": "cicl.config", "load_config": "cicl.config", "preset": "cicl.config",
+    "synthetic_adata": "cicl.data.synthetic",
+    "CICLError": "cicl.errors", "ConfigError": "cicl.errors", "InputError": "cicl.errors",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cicl' has no attribute {name!r}")

@@ -35,7 +35,8 @@ def fit(
     Sets the following fields:
 
     - ``obs[key_added]``: cluster labels, categorical of strings ``"0"``, ``"1"``, ...
-    - ``obsm["X_" + key_added]``: the encoder embedding (cells x embed_dim).
+    - ``obsm["X_" + key_added]``: the space the clusters live in (default "hybrid": the
+      L2-normalised encoder output next to the weighted PCA block; see ``cluster.space``).
     - ``uns[key_added]``: ``params`` (the full config), ``preprocess`` (every decision taken on
       the input), ``n_clusters`` and ``n_clusters_source``, ``centroids``, ``history`` (one
       record per reclustering round), ``epochs``, ``steps``, ``seconds``.

@@ -213,33 +213,43 @@ def with_overrides(cfg: CICLConfig, overrides: dict[str, Any]) -> CICLConfig:
             groups.setdefault(g, {})[name] = value
         else:
             top[key] = value
-    try:
-        kwargs = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in groups.items()}
-        return dataclasses.replace(cfg, **kwargs, **top)
-    except TypeError as exc:  # pragma: no cover - keys are validated above
-        raise ConfigError(str(exc)) from exc
+    for g, v in groups.items():
+        ftypes = {f.name: f.type for f in fields(getattr(cfg, g))}
+        for name, value in v.items():
+            v[name] = _typed(f"{g}.{name}", value, str(ftypes[name]))
+    for name, value in top.items():
+        top[name] = _typed(name, value, "int")
+    kwargs = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in groups.items()}
+    return dataclasses.replace(cfg, **kwargs, **top)
 
 
-def _coerce_types(cfg: CICLConfig) -> None:
-    """Refuse values of the wrong type (YAML strings where numbers belong, etc.)."""
-    for group in fields(cfg):
-        obj = getattr(cfg, group.name)
-        if not dataclasses.is_dataclass(obj):
-            continue
-        default = type(obj)()
-        for f in fields(obj):
-            v, d = getattr(obj, f.name), getattr(default, f.name)
-            if v is None or d is None:
-                continue
-            if isinstance(d, bool) != isinstance(v, bool) or (
-                isinstance(d, (int, float)) and not isinstance(v, (int, float))
-            ):
-                raise ConfigError(
-                    f"{group.name}.{f.name} must be a {type(d).__name__}, got {v!r}"
-                )
-            if isinstance(d, int) and not isinstance(d, bool) and isinstance(v, float):
-                if not v.is_integer():
-                    raise ConfigError(f"{group.name}.{f.name} must be an integer, got {v!r}")
+def _typed(key: str, value: Any, annotation: str) -> Any:
+    """Check ``value`` against a field's annotation (string form); return it normalised."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "never")):
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{key} cannot be empty.")
+    if annotation.startswith("Literal"):
+        allowed = [a.strip().strip("'\"") for a in annotation[8:-1].split(",")]
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}.")
+        return value
+    base = annotation.split("|")[0].strip()
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}.")
+        return value
+    if base in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number ({base}), got {value!r}.")
+        if base == "int":
+            if float(value) != int(value):
+                raise ConfigError(f"{key} must be an integer, got {value!r}.")
+            return int(value)
+        return float(value)
+    if base == "str" and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}.")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CICLConfig:
@@ -257,9 +267,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"Config file '{p}' must hold a mapping of keys to values.")
         data = _flatten(loaded)
     data.update(overrides or {})
-    cfg = with_overrides(CICLConfig(), data)
-    _coerce_types(cfg)
-    return cfg
+    return with_overrides(CICLConfig(), data)
 
 
 PRESETS = ("default", "reference")

@@ -114,8 +114,8 @@ def lloyd(
     """Lloyd iterations from ``init``; ``reduce`` sums partial statistics across shards."""
     c = init.clone()
     tol_abs = tol * _mean_variance(x, reduce)
-    it = 0
-    for it in range(1, max_iter + 1):
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
         sums, counts, _, _, dist = partial_stats(x, c)
         sums, counts = reduce(sums), reduce(counts)
         new, empty = update(sums, counts, c)
@@ -125,7 +125,7 @@ def lloyd(
         if shift <= tol_abs:
             break
     _, _, inertia, lab, _ = partial_stats(x, c)
-    return KMeansResult(c, lab, float(reduce(inertia).item()), it)
+    return KMeansResult(c, lab, float(reduce(inertia).item()), n_iter)
 
 
 def kmeans(

@@ -29,7 +29,7 @@ from cicl.model.modules import CICLModel, balanced_gene_groups, pca_projection, 
 
 @dataclass
 class TrainResult:
-    embedding: np.ndarray  # (n, E) encoder output, eval mode
+    embedding: np.ndarray  # (n, E) the clustering space (see ClusterConfig.space), eval mode
     labels: np.ndarray  # (n,) final cluster labels
     centroids: np.ndarray  # (k, E)
     history: list[dict] = field(default_factory=list)  # one entry per reclustering round

@@ -1,0 +1,131 @@
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import cicl
+from cicl.cli import main
+from cicl.data.synthetic import synthetic_adata
+
+
+@pytest.fixture
+def syn():
+    return synthetic_adata(n_cells=150, n_genes=120, n_clusters=3, seed=1)
+
+
+def test_fit_writes_scanpy_style_fields_and_leaves_x(syn, tiny_cfg):
+    x0 = syn.X.copy()
+    out = cicl.fit(syn, 3, config=tiny_cfg, progress=False)
+    assert out is None
+    assert (syn.X != x0).nnz == 0
+    assert syn.obs["cicl"].dtype == "category" and syn.obs["cicl"].nunique() == 3
+    # hybrid space: normalised encoder output (embed_dim) + weighted PCA block (n_pcs)
+    assert syn.obsm["X_cicl"].shape == (150, tiny_cfg.model.embed_dim + tiny_cfg.preprocess.n_pcs)
+    u = syn.uns["cicl"]
+    assert u["n_clusters"] == 3 and u["n_clusters_source"] == "given"
+    assert u["centroids"].shape[0] == 3
+    assert u["params"]["loss"]["temperature"] == tiny_cfg.loss.temperature
+    assert u["preprocess"]["values"] == "counts"
+    assert len(u["history"]["epoch"]) >= 2
+    assert cicl.score(syn.obs["cicl"].to_numpy(), syn.obs["cell_type"])["ari"] > 0.9
+
+
+def test_copy_and_same_seed_same_labels(syn, tiny_cfg):
+    a = cicl.fit(syn, 3, config=tiny_cfg, copy=True, progress=False)
+    b = cicl.fit(syn, 3, config=tiny_cfg, copy=True, progress=False)
+    assert "cicl" not in syn.obs
+    assert np.array_equal(a.obs["cicl"].to_numpy(), b.obs["cicl"].to_numpy())
+    assert np.allclose(a.obsm["X_cicl"], b.obsm["X_cicl"])
+
+
+def test_k_is_estimated_without_labels(syn, tiny_cfg):
+    a = cicl.fit(syn, config=tiny_cfg, copy=True, progress=False)
+    assert a.uns["cicl"]["n_clusters_source"].startswith("estimated")
+    assert 2 <= a.uns["cicl"]["n_clusters"] <= 6
+
+
+def _write(tmp_path, adata):
+    p = tmp_path / "in.h5ad"
+    adata.write_h5ad(p)
+    return p
+
+
+def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
+    inp = _write(tmp_path, syn)
+    cfg = tmp_path / "cfg.yaml"
+    tiny_cfg.to_yaml(cfg)
+    out = tmp_path / "out.h5ad"
+    rc = main(["fit", str(inp), "--out", str(out), "-k", "3", "--label-key", "cell_type",
+               "--config", str(cfg), "--seed", "2", "--json", "--quiet"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    line = json.loads(cap.out.strip().splitlines()[-1])
+    for key in ("n_cells", "n_genes", "n_clusters", "seconds", "ari", "nmi"):
+        assert key in line
+    assert line["n_cells"] == 150 and line["n_clusters"] == 3 and line["ari"] > 0.9
+    assert "wrote" in cap.err and "ARI" in cap.err
+    res = ad.read_h5ad(out)
+    assert "cicl" in res.obs and res.uns["cicl"]["params"]["seed"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["-k", "1"], "--n-clusters must be >= 2"),
+        (["-k", "abc"], "must be an integer"),
+        (["-k", "100000"], "exceeds the number of cells"),
+        (["--label-key", "nope"], "not an obs column"),
+        (["--set", "loss.temprature=0.1"], "Did you mean 'loss.temperature'"),
+    ],
+)
+def test_cli_bad_input_one_clear_error(tmp_path, syn, capsys, extra, msg):
+    inp = _write(tmp_path, syn)
+    out = tmp_path / "out.h5ad"
+    rc = main(["fit", str(inp), "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert msg in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite(tmp_path, syn, capsys):
+    inp = _write(tmp_path, syn)
+    out = tmp_path / "exists.h5ad"
+    out.write_bytes(b"keep me")
+    assert main(["fit", str(inp), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"keep me"
+    assert main(["fit", str(inp), "--out", str(inp)]) == 2
+    assert "input file" in capsys.readouterr().err
+
+
+def test_cli_missing_and_unreadable_input(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "o.h5ad")]) == 2
+    bad = tmp_path / "bad.h5ad"
+    bad.write_text("not hdf5")
+    assert main(["fit", str(bad), "--out", str(tmp_path / "o.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Could not read" in err
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_cli_reads_csv(tmp_path, syn, tiny_cfg, capsys):
+    import pandas as pd
+
+    p = tmp_path / "in.csv"
+    pd.DataFrame(syn.X.toarray(), index=syn.obs_names, columns=syn.var_names).to_csv(p)
+    cfg = tmp_path / "cfg.yaml"
+    tiny_cfg.to_yaml(cfg)
+    rc = main(["fit", str(p), "--out", str(tmp_path / "o.h5ad"), "-k", "3", "-c", str(cfg),
+               "--json", "--quiet"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_cells"] == 150
+
+
+def test_config_show_and_validate(tmp_path, capsys):
+    assert main(["config", "show", "--preset", "reference"]) == 0
+    assert "encoder: reference" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  temprature: 0.2\n")
+    assert main(["config", "validate", str(bad)]) == 2
+    assert "Did you mean" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+import numpy as np
+import torch
+from sklearn.cluster import AgglomerativeClustering, KMeans
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd, partial_stats
+from cicl.cluster.ward import ward_labels, weighted_ward
+from cicl.model.modules import student_t
+
+
+def _blobs(n=600, k=5, seed=0):
+    x, y = make_blobs(n_samples=n, centers=k, n_features=8, cluster_std=1.5, random_state=seed)
+    return torch.tensor(x, dtype=torch.float32), y
+
+
+def test_inertia_matches_sklearn():
+    x, _ = _blobs()
+    ours = kmeans(x, 5, n_init=10, seed=0)
+    ref = KMeans(5, n_init=10, random_state=0).fit(x.numpy())
+    assert ours.inertia <= ref.inertia_ * 1.001
+
+
+def test_kmeans_recovers_planted_clusters_and_is_seeded():
+    x, y = _blobs(seed=3)
+    a = kmeans(x, 5, n_init=5, seed=7)
+    b = kmeans(x, 5, n_init=5, seed=7)
+    assert adjusted_rand_score(y, a.labels.numpy()) > 0.95
+    assert torch.equal(a.labels, b.labels)
+
+
+def test_shard_partials_sum_to_whole():
+    x, _ = _blobs()
+    c = kmeans_pp(x, 5, torch.Generator().manual_seed(0))
+    whole = partial_stats(x, c)
+    parts = [partial_stats(s, c) for s in (x[:250], x[250:])]
+    for i in range(3):
+        assert torch.allclose(whole[i], parts[0][i] + parts[1][i])
+
+
+def test_lloyd_with_sum_reduce_over_shards_equals_single_process():
+    """Two shards, stats summed by the reduce hook, give the single-process centroids."""
+    x, _ = _blobs()
+    init = kmeans_pp(x, 5, torch.Generator().manual_seed(1))
+    single = lloyd(x, init)
+    # emulate an all-reduce: each shard's partial is added to the other's in the reduce
+    shards = (x[:300], x[300:])
+    import cicl.cluster.kmeans as km
+
+    def run_sharded():
+        c = init.clone()
+        for _ in range(100):
+            stats = [km.partial_stats(s, c) for s in shards]
+            sums = stats[0][0] + stats[1][0]
+            counts = stats[0][1] + stats[1][1]
+            new, _ = km.update(sums, counts, c)
+            if torch.allclose(new, c):
+                break
+            c = new
+        return c
+
+    assert torch.allclose(run_sharded(), single.centroids, atol=1e-5)
+
+
+def test_empty_cluster_is_refilled_with_duplicates():
+    x = torch.cat([torch.zeros(50, 2), torch.ones(50, 2) * 5, torch.tensor([[20.0, 20.0]])])
+    init = torch.tensor([[0.0, 0.0], [5.0, 5.0], [100.0, 100.0]])  # third starts empty
+    res = lloyd(x, init)
+    assert torch.bincount(res.labels, minlength=3).min() >= 1
+
+
+def test_student_t_rows_sum_to_one_and_argmax_is_nearest():
+    h = torch.randn(40, 4)
+    c = torch.randn(3, 4)
+    q = student_t(h, c, alpha=1.0)
+    assert torch.allclose(q.sum(1), torch.ones(40))
+    assert torch.equal(q.argmax(1), torch.cdist(h, c).argmin(1))
+    q5 = student_t(h, c, alpha=5.0)
+    assert not torch.allclose(q, q5)  # alpha changes the soft assignment, not the argmax
+    assert torch.equal(q5.argmax(1), q.argmax(1))
+
+
+def test_ward_matches_sklearn_on_points():
+    x, _ = _blobs(n=200, seed=2)
+    ours = ward_labels(x.double(), 5, n_micro=1000).numpy()
+    ref = AgglomerativeClustering(5).fit_predict(x.numpy())
+    assert adjusted_rand_score(ref, ours) > 0.99
+
+
+def test_weighted_ward_respects_weights():
+    # three points on a line; a heavy middle point merges with its nearer neighbour
+    c = np.array([[0.0], [1.0], [2.2]])
+    assert list(weighted_ward(c, np.array([1.0, 1.0, 1.0]), 2)) == [0, 0, 1]
+    assert len(set(weighted_ward(c, np.array([1.0, 50.0, 1.0]), 2))) == 2

@@ -1,0 +1,50 @@
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cicl.config import PreprocessConfig
+from cicl.data.preprocess import detect_values, preprocess
+from cicl.data.synthetic import synthetic_adata
+
+
+@pytest.mark.parametrize(
+    "values, kind",
+    [
+        (np.array([[0, 3, 1], [2, 0, 7]]), "counts"),
+        (np.array([[0.0, 1.3, 2.2], [0.5, 0, 4.1]]), "log"),
+        (np.array([[0.0, 130.5, 2.2], [1000.1, 0, 4.1]]), "unlogged"),
+        (np.array([[-0.5, 1.3], [0.5, -1.2]]), "scaled"),
+    ],
+)
+def test_detect_values(values, kind):
+    assert detect_values(sp.csr_matrix(values)) == kind
+    assert detect_values(values) == kind
+
+
+def test_counts_are_normalised_logged_and_recorded():
+    a = synthetic_adata(n_cells=120, n_genes=300)
+    before = a.X.copy()
+    p = preprocess(a, PreprocessConfig(n_top_genes=100, n_pcs=10))
+    assert (a.X != before).nnz == 0  # input untouched
+    assert p.x.shape == (120, 100) and p.pcs.shape == (120, 10)
+    assert p.info["values"] == "counts"
+    assert "log1p" in p.info["steps"] and any("highly_variable" in s for s in p.info["steps"])
+    assert abs(float(p.x.mean())) < 1e-3
+
+
+def test_logged_data_is_not_logged_again():
+    a = synthetic_adata(n_cells=80, n_genes=50)
+    a.X = sp.csr_matrix(np.log1p(a.X.toarray() * 1.37))
+    p = preprocess(a, PreprocessConfig(n_pcs=5))
+    assert p.info["values"] == "log"
+    assert not any(s.startswith("log1p") for s in p.info["steps"])
+    assert p.info["n_genes_used"] == 50  # fewer genes than n_top_genes: all kept
+
+
+def test_dense_and_sparse_inputs_agree():
+    a = synthetic_adata(n_cells=60, n_genes=40)
+    b = ad.AnnData(X=a.X.toarray().astype(np.float64), obs=a.obs, var=a.var)
+    pa = preprocess(a, PreprocessConfig(n_pcs=5))
+    pb = preprocess(b, PreprocessConfig(n_pcs=5))
+    assert np.allclose(pa.x, pb.x, atol=1e-4)
