@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	mkdir -p $(OUT)
-	$(VENV)/bin/cicl fit $(DATA)/pollen.h5ad --out $(OUT)/pollen_cicl.h5ad --label-key cell_type --force
+	$(VENV)/bin/cicl fit $(DATA)/pollen.h5ad --out $(OUT)/pollen_cicl.h5ad --label-key cell_type --plot $(OUT)/pollen_cicl.png --force
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cicl tests benchmarks tune
+	$(VENV)/bin/ruff format --check cicl tests benchmarks tune
 	$(VENV)/bin/python -m pytest -m "not benchmark" -q
 
 test-slow: $(STAMP)

@@ -25,10 +25,19 @@ def _graph(pcs: np.ndarray, seed: int) -> ad.AnnData:
     return a
 
 
-def leiden(pcs: np.ndarray, seed: int, resolution: float = 1.0, graph: ad.AnnData | None = None) -> np.ndarray:
+def leiden(
+    pcs: np.ndarray, seed: int, resolution: float = 1.0, graph: ad.AnnData | None = None
+) -> np.ndarray:
     a = graph if graph is not None else _graph(pcs, seed)
-    sc.tl.leiden(a, resolution=resolution, random_state=seed, key_added="_l",
-                 flavor="igraph", n_iterations=2, directed=False)
+    sc.tl.leiden(
+        a,
+        resolution=resolution,
+        random_state=seed,
+        key_added="_l",
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+    )
     return a.obs["_l"].cat.codes.to_numpy()
 
 

@@ -63,11 +63,19 @@ def _job(args: tuple) -> list[dict]:
             labels = baselines.leiden(pcs, seed)
         else:
             labels = baselines.leiden_at_k(pcs, k, seed)
-    return [{
-        "dataset": name, "n_cells": len(y), "k": k, "method": method, "seed": seed,
-        "ari": adjusted_rand_score(y, labels), "nmi": normalized_mutual_info_score(y, labels),
-        "n_found": len(np.unique(labels)), "seconds": time.perf_counter() - t0,
-    }]
+    return [
+        {
+            "dataset": name,
+            "n_cells": len(y),
+            "k": k,
+            "method": method,
+            "seed": seed,
+            "ari": adjusted_rand_score(y, labels),
+            "nmi": normalized_mutual_info_score(y, labels),
+            "n_found": len(np.unique(labels)),
+            "seconds": time.perf_counter() - t0,
+        }
+    ]
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -83,13 +91,21 @@ def to_markdown(df: pd.DataFrame, methods: list[str]) -> str:
     lines = []
     for metric in ("ari", "nmi"):
         head = ["dataset (cells)"] + methods + (["paper CICL"] if metric == "ari" else [])
-        lines += [f"**{metric.upper()}** (mean ± sd over seeds)", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            f"**{metric.upper()}** (mean ± sd over seeds)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for ds, n in sizes.items():
             row = [f"{ds} ({n})"]
             for m in methods:
                 r = s[(s.dataset == ds) & (s.method == m)]
-                row.append("—" if r.empty else f"{r[metric].iloc[0]:.3f} ± {np.nan_to_num(r[metric + '_sd'].iloc[0]):.3f}")
+                row.append(
+                    "—"
+                    if r.empty
+                    else f"{r[metric].iloc[0]:.3f} ± {np.nan_to_num(r[metric + '_sd'].iloc[0]):.3f}"
+                )
             if metric == "ari":
                 row.append(f"{PAPER_ARI[ds]:.3f}" if ds in PAPER_ARI else "")
             lines.append("| " + " | ".join(row) + " |")
@@ -97,17 +113,27 @@ def to_markdown(df: pd.DataFrame, methods: list[str]) -> str:
         for m in methods:
             r = s[s.method == m]
             full = r.dataset.nunique() == len(sizes)
-            means.append(f"**{r[metric].mean():.3f}**" + ("" if full else f" ({r.dataset.nunique()} sets)"))
+            means.append(
+                f"**{r[metric].mean():.3f}**" + ("" if full else f" ({r.dataset.nunique()} sets)")
+            )
         lines.append("| mean | " + " | ".join(means) + (" | |" if metric == "ari" else " |"))
         lines.append("")
-    best = s[s.method.isin(["kmeans_pca", "leiden_default", "leiden_at_k"])].groupby("dataset")["ari"].max()
+    best = (
+        s[s.method.isin(["kmeans_pca", "leiden_default", "leiden_at_k"])]
+        .groupby("dataset")["ari"]
+        .max()
+    )
     c = s[s.method == "cicl"].set_index("dataset")["ari"]
     gap = (c - best).dropna()
-    lines.append(f"Best baseline per dataset, mean ARI: {best.mean():.3f}. CICL minus best baseline: "
-                 f"worst {gap.min():+.3f} ({gap.idxmin()}), datasets more than 0.10 below: "
-                 f"{', '.join(gap[gap < -0.10].index) or 'none'}.")
+    lines.append(
+        f"Best baseline per dataset, mean ARI: {best.mean():.3f}. CICL minus best baseline: "
+        f"worst {gap.min():+.3f} ({gap.idxmin()}), datasets more than 0.10 below: "
+        f"{', '.join(gap[gap < -0.10].index) or 'none'}."
+    )
     sec = s[s.method == "cicl"].set_index("dataset")["seconds"]
-    lines.append(f"CICL training seconds (1 thread, per seed): {', '.join(f'{d} {sec[d]:.0f}' for d in sizes.index if d in sec)}.")
+    lines.append(
+        f"CICL training seconds (1 thread, per seed): {', '.join(f'{d} {sec[d]:.0f}' for d in sizes.index if d in sec)}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +149,14 @@ def plot(df: pd.DataFrame, methods: list[str], path: Path) -> None:
     w = 0.8 / len(methods)
     for i, m in enumerate(methods):
         r = s[s.method == m].set_index("dataset").reindex(order)
-        ax.bar(np.arange(len(order)) + i * w, r["ari"], w, yerr=r["ari_sd"].fillna(0), label=m, capsize=2)
+        ax.bar(
+            np.arange(len(order)) + i * w,
+            r["ari"],
+            w,
+            yerr=r["ari_sd"].fillna(0),
+            label=m,
+            capsize=2,
+        )
     ax.set_xticks(np.arange(len(order)) + 0.4 - w / 2)
     ax.set_xticklabels(order, rotation=30, ha="right")
     ax.set_ylabel("ARI (mean ± sd over seeds)")
@@ -134,14 +167,20 @@ def plot(df: pd.DataFrame, methods: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--datasets", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--reference-max-cells", type=int, default=1000,
-                    help="run the reference preset (51 epochs, width-G encoder) only up to this size")
+    ap.add_argument(
+        "--reference-max-cells",
+        type=int,
+        default=1000,
+        help="run the reference preset (51 epochs, width-G encoder) only up to this size",
+    )
     ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     import anndata as ad
@@ -152,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         paths = [p for p in paths if p.stem in keep]
     methods = args.methods.split(",")
     sizes = {p: ad.read_h5ad(p, backed="r").n_obs for p in paths}
-    jobs = [(str(p), m, s) for p in sorted(paths, key=lambda p: -sizes[p]) for m in methods
-            for s in range(args.seeds)
-            if not (m == "cicl_reference" and sizes[p] > args.reference_max_cells)]
+    jobs = [
+        (str(p), m, s)
+        for p in sorted(paths, key=lambda p: -sizes[p])
+        for m in methods
+        for s in range(args.seeds)
+        if not (m == "cicl_reference" and sizes[p] > args.reference_max_cells)
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -7,10 +7,15 @@ pulls in AnnData, scanpy, Ray or MLflow.
 from importlib import import_module
 
 _EXPORTS = {
-    "fit": "cicl.api", "score": "cicl.api",
-    "CICLConfig": "cicl.config", "load_config": "cicl.config", "preset": "cicl.config",
+    "fit": "cicl.api",
+    "score": "cicl.api",
+    "CICLConfig": "cicl.config",
+    "load_config": "cicl.config",
+    "preset": "cicl.config",
     "synthetic_adata": "cicl.data.synthetic",
-    "CICLError": "cicl.errors", "ConfigError": "cicl.errors", "InputError": "cicl.errors",
+    "CICLError": "cicl.errors",
+    "ConfigError": "cicl.errors",
+    "InputError": "cicl.errors",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -69,8 +69,14 @@ def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
 
 
 def write_result(
-    adata: ad.AnnData, res: TrainResult, cfg: CICLConfig, prep_info: dict, k: int,
-    source: str, key_added: str, seconds: float,
+    adata: ad.AnnData,
+    res: TrainResult,
+    cfg: CICLConfig,
+    prep_info: dict,
+    k: int,
+    source: str,
+    key_added: str,
+    seconds: float,
 ) -> None:
     labels = res.labels.astype(int)
     cats = [str(i) for i in range(k)]

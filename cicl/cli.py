@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -49,18 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="cluster one dataset and write the annotated .h5ad")
     f.add_argument("input", help=".h5ad, 10x .h5, .loom, .csv/.tsv or a 10x matrix folder")
     f.add_argument("--out", "-o", required=True, help="output .h5ad (never the input)")
-    f.add_argument("--n-clusters", "-k", default=None,
-                   help="number of clusters (default: estimated without labels)")
-    f.add_argument("--label-key", default=None,
-                   help="obs column with known labels: ARI/NMI are reported, never used to choose")
+    f.add_argument(
+        "--n-clusters",
+        "-k",
+        default=None,
+        help="number of clusters (default: estimated without labels)",
+    )
+    f.add_argument(
+        "--label-key",
+        default=None,
+        help="obs column with known labels: ARI/NMI are reported, never used to choose",
+    )
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--config", "-c", default=None, help="YAML config file")
-    f.add_argument("--preset", choices=PRESETS, default=None,
-                   help="'reference' reproduces the official code's behaviour")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set loss.temperature=0.3")
+    f.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="'reference' reproduces the official code's behaviour",
+    )
+    f.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set loss.temperature=0.3",
+    )
     f.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
     f.add_argument("--key-added", default="cicl")
+    f.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="also write a figure: UMAP by cluster (and label) + training curves",
+    )
     f.add_argument("--json", action="store_true", help="print one JSON line with the results")
     f.add_argument("--force", action="store_true", help="overwrite an existing output file")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -84,6 +107,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     k = _positive_int("--n-clusters", args.n_clusters)
     out = check_output(args.input, args.out, args.force)
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise CICLError(f"Folder for --plot '{args.plot}' does not exist. Create it first.")
     t0 = time.perf_counter()
     adata = read_input(args.input)
     if args.label_key is not None:
@@ -96,8 +121,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise CICLError(f"--label-key '{args.label_key}' has missing values.")
     if k is not None and k > adata.n_obs:
         raise CICLError(f"--n-clusters {k} exceeds the number of cells ({adata.n_obs}).")
-    fit(adata, k, config=cfg, layer=args.layer, key_added=args.key_added,
-        progress=not args.quiet and sys.stderr.isatty())
+    fit(
+        adata,
+        k,
+        config=cfg,
+        layer=args.layer,
+        key_added=args.key_added,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
     info = adata.uns[args.key_added]
     result: dict[str, Any] = {
         "n_cells": int(adata.n_obs),
@@ -112,6 +143,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.label_key is not None:
         result.update(score(adata.obs[args.key_added].to_numpy(), adata.obs[args.label_key]))
     write_h5ad_atomic(adata, out)
+    if args.plot:
+        from cicl.plotting import plot_fit
+
+        result["plot"] = str(
+            plot_fit(adata, args.plot, key=args.key_added, label_key=args.label_key)
+        )
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
     _summary(adata, args.key_added, result)
@@ -132,6 +169,8 @@ def _summary(adata, key: str, r: dict[str, Any]) -> None:
     if "ari" in r:
         lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
     lines.append(f"  wrote {r['output']}: obs['{key}'], obsm['X_{key}'], uns['{key}']")
+    if "plot" in r:
+        lines.append(f"  figure: {r['plot']}")
     print("\n".join(lines), file=sys.stderr)
 
 

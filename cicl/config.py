@@ -252,7 +252,9 @@ def _typed(key: str, value: Any, annotation: str) -> Any:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CICLConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> CICLConfig:
     """Load a YAML config (optionally with ``preset: reference``) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -10,7 +10,9 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-DATA = Path(os.environ.get("CICL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+DATA = Path(
+    os.environ.get("CICL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+).resolve()
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +26,19 @@ def data_dir() -> Path:
 def tiny_cfg():
     from cicl.config import CICLConfig
 
-    return CICLConfig().with_overrides({
-        "model.n_tokens": 8, "model.d_model": 16, "model.n_heads": 2, "model.ffn_dim": 32,
-        "model.embed_dim": 8, "model.proj_hidden": 32, "model.proj_dim": 16,
-        "train.epochs": 6, "train.batch_size": 64, "cluster.recluster_every": 2,
-        "cluster.n_init": 3, "preprocess.n_pcs": 10,
-    })
+    return CICLConfig().with_overrides(
+        {
+            "model.n_tokens": 8,
+            "model.d_model": 16,
+            "model.n_heads": 2,
+            "model.ffn_dim": 32,
+            "model.embed_dim": 8,
+            "model.proj_hidden": 32,
+            "model.proj_dim": 16,
+            "train.epochs": 6,
+            "train.batch_size": 64,
+            "cluster.recluster_every": 2,
+            "cluster.n_init": 3,
+            "preprocess.n_pcs": 10,
+        }
+    )

@@ -56,8 +56,24 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
     cfg = tmp_path / "cfg.yaml"
     tiny_cfg.to_yaml(cfg)
     out = tmp_path / "out.h5ad"
-    rc = main(["fit", str(inp), "--out", str(out), "-k", "3", "--label-key", "cell_type",
-               "--config", str(cfg), "--seed", "2", "--json", "--quiet"])
+    rc = main(
+        [
+            "fit",
+            str(inp),
+            "--out",
+            str(out),
+            "-k",
+            "3",
+            "--label-key",
+            "cell_type",
+            "--config",
+            str(cfg),
+            "--seed",
+            "2",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     cap = capsys.readouterr()
     line = json.loads(cap.out.strip().splitlines()[-1])
@@ -116,8 +132,20 @@ def test_cli_reads_csv(tmp_path, syn, tiny_cfg, capsys):
     pd.DataFrame(syn.X.toarray(), index=syn.obs_names, columns=syn.var_names).to_csv(p)
     cfg = tmp_path / "cfg.yaml"
     tiny_cfg.to_yaml(cfg)
-    rc = main(["fit", str(p), "--out", str(tmp_path / "o.h5ad"), "-k", "3", "-c", str(cfg),
-               "--json", "--quiet"])
+    rc = main(
+        [
+            "fit",
+            str(p),
+            "--out",
+            str(tmp_path / "o.h5ad"),
+            "-k",
+            "3",
+            "-c",
+            str(cfg),
+            "--json",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_cells"] == 150
 

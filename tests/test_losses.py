@@ -81,7 +81,12 @@ def test_code_cluster_loss_matches_loop():
 def test_paper_and_code_losses_differ():
     z1, z2 = _views(seed=2)
     lab = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0])
-    assert abs(float(paper_cluster_loss(z1, z2, lab, 0.5)) - float(code_cluster_loss(z1, z2, lab, 0.5))) > 0.1
+    assert (
+        abs(
+            float(paper_cluster_loss(z1, z2, lab, 0.5)) - float(code_cluster_loss(z1, z2, lab, 0.5))
+        )
+        > 0.1
+    )
 
 
 def test_ntxent_matches_loop():
@@ -101,8 +106,16 @@ def test_code_instance_is_one_directional():
     a = float(code_instance_loss(z1, z2, 0.5))
     b = float(code_instance_loss(z2, z1, 0.5))
     assert a != b
-    ref = sum(-math.log(math.exp(float(z1[i] @ z2[i]) / 0.5) /
-                        sum(math.exp(float(z1[i] @ z2[j]) / 0.5) for j in range(8))) for i in range(8)) / 8
+    ref = (
+        sum(
+            -math.log(
+                math.exp(float(z1[i] @ z2[i]) / 0.5)
+                / sum(math.exp(float(z1[i] @ z2[j]) / 0.5) for j in range(8))
+            )
+            for i in range(8)
+        )
+        / 8
+    )
     assert abs(a - ref) < 1e-5
 
 

@@ -39,8 +39,9 @@ def test_transformer_attention_is_live():
 
 
 def test_transformer_output_depends_on_other_modules_through_attention():
-    cfg = ModelConfig(n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0,
-                      cell_token=False)
+    cfg = ModelConfig(
+        n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0, cell_token=False
+    )
     enc = GeneModuleTransformer(40, _groups(), cfg).eval()
     x = torch.randn(4, 40)
     y0 = enc(x)
@@ -75,8 +76,12 @@ def test_augment_strengths():
     g = torch.Generator().manual_seed(1)
     masked = augment(x, None, AugmentConfig(noise_std=0.0, mask_frac=0.3, neighbor_prob=0.0), g)
     assert abs(float((masked == 0).float().mean()) - 0.3) < 0.02
-    noisy = augment(x, None, AugmentConfig(noise_std=0.5, noise_frac=1.0, mask_frac=0.0, neighbor_prob=0.0), g)
+    noisy = augment(
+        x, None, AugmentConfig(noise_std=0.5, noise_frac=1.0, mask_frac=0.0, neighbor_prob=0.0), g
+    )
     assert abs(float((noisy - x).std()) - 0.5) < 0.02
     nbr = torch.zeros(200, 100)
-    mixed = augment(x, nbr, AugmentConfig(noise_std=0.0, mask_frac=0.0, neighbor_prob=1.0, neighbor_mix=0.25), g)
+    mixed = augment(
+        x, nbr, AugmentConfig(noise_std=0.0, mask_frac=0.0, neighbor_prob=1.0, neighbor_mix=0.25), g
+    )
     assert torch.allclose(mixed, torch.full_like(x, 0.75))

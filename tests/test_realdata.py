@@ -37,8 +37,21 @@ def test_shared_datasets_are_valid_and_detected(data_dir):
 )
 def test_fit_real_dataset_ari_floor(data_dir, tmp_path, capsys, name, k, floor, extra):
     out = tmp_path / f"{name}.h5ad"
-    rc = main(["fit", str(data_dir / f"{name}.h5ad"), "--out", str(out), "-k", str(k),
-               "--label-key", "cell_type", "--json", "--quiet", *extra])
+    rc = main(
+        [
+            "fit",
+            str(data_dir / f"{name}.h5ad"),
+            "--out",
+            str(out),
+            "-k",
+            str(k),
+            "--label-key",
+            "cell_type",
+            "--json",
+            "--quiet",
+            *extra,
+        ]
+    )
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n_clusters"] == k

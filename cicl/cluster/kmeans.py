@@ -34,7 +34,9 @@ def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0)
 
 
-def assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(
+    x: torch.Tensor, c: torch.Tensor, chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid and its squared distance, in chunks so memory stays O(chunk * k)."""
     labs, dists = [], []
     for i in range(0, x.shape[0], chunk):
@@ -68,7 +70,10 @@ def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tens
         if total <= 0:  # all remaining points coincide with centres
             idx = torch.randint(n, (n_trials,), generator=generator)
         else:
-            u = torch.rand(n_trials, generator=generator, dtype=torch.float64).to(x.device) * total.item()
+            u = (
+                torch.rand(n_trials, generator=generator, dtype=torch.float64).to(x.device)
+                * total.item()
+            )
             idx = torch.searchsorted(torch.cumsum(closest.double(), 0), u).clamp_max(n - 1)
         cand = sq_dists(x, x[idx])  # (n, trials)
         pot = torch.minimum(closest[:, None], cand).sum(0)
@@ -88,7 +93,9 @@ def update(
     return new, empty
 
 
-def refill_empty(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+def refill_empty(
+    x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor
+) -> torch.Tensor:
     """Move each empty centroid onto the point currently farthest from its centroid."""
     if not empty.any():
         return c
@@ -108,7 +115,11 @@ def _mean_variance(x: torch.Tensor, reduce: Reduce) -> float:
 
 
 def lloyd(
-    x: torch.Tensor, init: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-4,
+    x: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-4,
     reduce: Reduce = identity,
 ) -> KMeansResult:
     """Lloyd iterations from ``init``; ``reduce`` sums partial statistics across shards."""
@@ -129,7 +140,12 @@ def lloyd(
 
 
 def kmeans(
-    x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 100, seed: int = 0,
+    x: torch.Tensor,
+    k: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 100,
+    seed: int = 0,
     reduce: Reduce = identity,
 ) -> KMeansResult:
     """Best of ``n_init`` seeded k-means++ + Lloyd runs, by inertia."""

@@ -18,10 +18,18 @@ def estimate_n_clusters(pcs: np.ndarray, seed: int = 0, resolution: float = 1.0)
     a = ad.AnnData(X=np.zeros((n, 1), dtype=np.float32))
     a.obsm["X_pca"] = pcs
     # exact kNN via sklearn: scanpy 1.11's pynndescent path (>= 8192 cells) fails on csr_array
-    sc.pp.neighbors(a, use_rep="X_pca", n_neighbors=min(15, n - 1), random_state=seed,
-                    transformer="sklearn")
-    sc.tl.leiden(a, resolution=resolution, random_state=seed, key_added="_k",
-                 flavor="igraph", n_iterations=2, directed=False)
+    sc.pp.neighbors(
+        a, use_rep="X_pca", n_neighbors=min(15, n - 1), random_state=seed, transformer="sklearn"
+    )
+    sc.tl.leiden(
+        a,
+        resolution=resolution,
+        random_state=seed,
+        key_added="_k",
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+    )
     sizes = a.obs["_k"].value_counts().to_numpy()
     k = int((sizes >= max(3, 0.005 * n)).sum())
     return int(min(max(k, 2), n - 1))

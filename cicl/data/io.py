@@ -48,7 +48,9 @@ def read_input(path: str | Path) -> ad.AnnData:
         elif kind == "loom":
             adata = sc.read_loom(p)
         elif kind in ("csv", "tsv"):
-            adata = sc.read_csv(p, delimiter="," if kind == "csv" else "\t", first_column_names=True)
+            adata = sc.read_csv(
+                p, delimiter="," if kind == "csv" else "\t", first_column_names=True
+            )
         else:
             adata = sc.read_10x_mtx(p if p.is_dir() else p.parent)
     except Exception as exc:  # noqa: BLE001 - any reader failure is the same user problem

@@ -81,7 +81,10 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
 
     n_genes_in = work.n_vars
     # genes constant across cells carry nothing and break HVG / scaling
-    var = np.asarray(work.X.power(2).mean(axis=0)).ravel() - np.asarray(work.X.mean(axis=0)).ravel() ** 2
+    var = (
+        np.asarray(work.X.power(2).mean(axis=0)).ravel()
+        - np.asarray(work.X.mean(axis=0)).ravel() ** 2
+    )
     keep = var > 1e-12
     if not keep.all():
         work = work[:, keep].copy()

@@ -9,7 +9,10 @@ import scipy.sparse as sp
 
 
 def synthetic_adata(
-    n_cells: int = 300, n_genes: int = 200, n_clusters: int = 3, seed: int = 0,
+    n_cells: int = 300,
+    n_genes: int = 200,
+    n_clusters: int = 3,
+    seed: int = 0,
     sizes: list[float] | None = None,
 ) -> ad.AnnData:
     """Negative-binomial-like counts: each cluster up-regulates its own block of genes.
@@ -25,7 +28,9 @@ def synthetic_adata(
     lib = rng.lognormal(0.0, 0.3, size=n_cells)[:, None]
     lam = rng.gamma(5.0, mu[y] * lib / 5.0)  # gamma-Poisson = negative binomial
     X = sp.csr_matrix(rng.poisson(lam).astype(np.float32))
-    obs = pd.DataFrame({"cell_type": pd.Categorical([f"type{c}" for c in y])},
-                       index=[f"cell{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([f"type{c}" for c in y])},
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
     var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
     return ad.AnnData(X=X, obs=obs, var=var)

@@ -36,15 +36,21 @@ def ntxent(z1: torch.Tensor, z2: torch.Tensor, tau: float, kernel: str = "cosine
     return F.cross_entropy(sim, target)
 
 
-def code_instance_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float, kernel: str = "cosine") -> torch.Tensor:
+def code_instance_loss(
+    z1: torch.Tensor, z2: torch.Tensor, tau: float, kernel: str = "cosine"
+) -> torch.Tensor:
     """Official code's InfoNCE: view-1 anchors only, B cross-view candidates."""
     target = torch.arange(z1.shape[0], device=z1.device)
     return F.cross_entropy(similarity(z1, z2, kernel) / tau, target)
 
 
 def paper_cluster_loss(
-    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, tau: float,
-    valid: torch.Tensor | None = None, kernel: str = "cosine",
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    valid: torch.Tensor | None = None,
+    kernel: str = "cosine",
 ) -> torch.Tensor:
     """Mean over anchors of -log(sum_pos exp(s/tau) / sum_neg exp(s/tau)).
 
@@ -69,8 +75,12 @@ def paper_cluster_loss(
 
 
 def code_cluster_loss(
-    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, tau: float,
-    valid: torch.Tensor | None = None, kernel: str = "cosine",
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    valid: torch.Tensor | None = None,
+    kernel: str = "cosine",
 ) -> torch.Tensor:
     """Official code's ``CirculatePairConLoss``: per cluster c, anchors are both views of its
     cells, the positive is the twin, negatives are both views of other-label cells; the mean

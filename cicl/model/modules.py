@@ -55,7 +55,10 @@ def balanced_gene_groups(loadings: np.ndarray, n_groups: int, seed: int = 0) -> 
 
 class GeneModuleTransformer(nn.Module):
     def __init__(
-        self, n_genes: int, groups: np.ndarray, cfg: ModelConfig,
+        self,
+        n_genes: int,
+        groups: np.ndarray,
+        cfg: ModelConfig,
         pca_init: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         super().__init__()
@@ -69,8 +72,13 @@ class GeneModuleTransformer(nn.Module):
         self.cell_token = nn.Linear(n_genes, cfg.d_model) if cfg.cell_token else None
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         layer = nn.TransformerEncoderLayer(
-            cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout,
-            activation="gelu", batch_first=True, norm_first=True,
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.ffn_dim,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -141,7 +149,10 @@ class MLPEncoder(nn.Module):
     def __init__(self, n_genes: int, cfg: ModelConfig, pca_init=None):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(n_genes, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+            nn.Linear(n_genes, 512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
             nn.Linear(256, cfg.embed_dim),
         )
         self.embed_dim = cfg.embed_dim
@@ -194,7 +205,10 @@ class CICLModel(nn.Module):
     (they are re-fitted by K-means, not learned by gradient)."""
 
     def __init__(
-        self, n_genes: int, cfg: ModelConfig, groups: np.ndarray | None = None,
+        self,
+        n_genes: int,
+        cfg: ModelConfig,
+        groups: np.ndarray | None = None,
         pca_init: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         super().__init__()

@@ -68,7 +68,9 @@ def gene_loadings(x: np.ndarray, pcs: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed(model: CICLModel, x: torch.Tensor, batch: int = 4096, train_mode: bool = False) -> torch.Tensor:
+def embed(
+    model: CICLModel, x: torch.Tensor, batch: int = 4096, train_mode: bool = False
+) -> torch.Tensor:
     was = model.training
     model.train(train_mode)
     out = torch.cat([model.encoder(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
@@ -100,7 +102,9 @@ def train(
     if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual:
         pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
     model = CICLModel(x.shape[1], cfg.model, groups, pca_init).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     nbr = torch.from_numpy(knn_indices(pcs, cfg.augment.n_neighbors)).to(device)
 
     bs = min(cfg.train.batch_size, n)
@@ -148,7 +152,9 @@ def train(
 
     def recluster(epoch: int, prev: KMeansResult | None) -> KMeansResult:
         h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
-        res = kmeans(h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed)
+        res = kmeans(
+            h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed
+        )
         if prev is not None:  # warm start from the previous round, keep whichever fits better
             warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter)
             if warm.inertia <= res.inertia:
@@ -158,7 +164,7 @@ def train(
     km = recluster(0, None)
     conf_all, lab_all = pseudo_labels(km)
     history: list[dict] = []
-    prev_labels = km.labels.clone()
+    prev_labels = lab_all.clone()
     steps = 0
     bar = _progress(epochs, progress)
     for epoch in range(1, epochs + 1):
@@ -199,14 +205,19 @@ def train(
         if every is not None and (epoch % every == 0 or epoch == epochs):
             km = recluster(epoch, km)
             conf_all, lab_all = pseudo_labels(km)
-            changed = float((km.labels != prev_labels).float().mean())
-            prev_labels = km.labels.clone()
+        log_every = every or 5  # without reclustering, still record every 5 epochs (as the code)
+        if epoch % log_every == 0 or epoch == epochs:
             rec = {
-                "epoch": epoch, "step": steps, "loss": tot / max(nb, 1),
-                "instance_loss": inst_tot / max(nb, 1), "cluster_loss": clu_tot / max(nb, 1),
-                "inertia": km.inertia, "label_change": changed,
+                "epoch": epoch,
+                "step": steps,
+                "loss": tot / max(nb, 1),
+                "instance_loss": inst_tot / max(nb, 1),
+                "cluster_loss": clu_tot / max(nb, 1),
+                "inertia": km.inertia,
+                "label_change": float((lab_all != prev_labels).float().mean()),
                 "cluster_active": bool(use_cluster),
             }
+            prev_labels = lab_all.clone()
             history.append(rec)
             if on_round is not None:
                 on_round(rec)
@@ -218,7 +229,9 @@ def train(
 
     h = space(embed(model, xt))
     if cfg.cluster.final == "kmeans":
-        final = kmeans(h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed)
+        final = kmeans(
+            h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed
+        )
         labels, cents = final.labels, final.centroids
     elif cfg.cluster.final == "ward":
         labels = ward_labels(h, n_clusters, seed=cfg.seed)
@@ -227,8 +240,13 @@ def train(
         labels = student_t(h, km.centroids, cfg.cluster.alpha).argmax(1)
         cents = km.centroids
     return TrainResult(
-        embedding=h.cpu().numpy(), labels=labels.cpu().numpy(), centroids=cents.cpu().numpy(),
-        history=history, epochs=epochs, steps=steps, seconds=time.perf_counter() - t0,
+        embedding=h.cpu().numpy(),
+        labels=labels.cpu().numpy(),
+        centroids=cents.cpu().numpy(),
+        history=history,
+        epochs=epochs,
+        steps=steps,
+        seconds=time.perf_counter() - t0,
     )
 
 

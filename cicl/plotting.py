@@ -1,0 +1,66 @@
+"""Figures a person would rather look at than read: UMAP of the clustering space coloured by
+cluster (and by known labels), and the per-round training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+
+def plot_fit(
+    adata: ad.AnnData,
+    path: str | Path,
+    *,
+    key: str = "cicl",
+    label_key: str | None = None,
+    seed: int = 0,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    emb = ad.AnnData(
+        X=np.zeros((adata.n_obs, 1), dtype=np.float32),
+        obs=adata.obs[[key] + ([label_key] if label_key else [])].copy(),
+    )
+    emb.obsm["X_rep"] = np.asarray(adata.obsm[f"X_{key}"])
+    sc.pp.neighbors(
+        emb,
+        use_rep="X_rep",
+        n_neighbors=min(15, adata.n_obs - 1),
+        random_state=seed,
+        transformer="sklearn",
+    )
+    sc.tl.umap(emb, random_state=seed)
+    hist = adata.uns[key].get("history") or {}
+    panels = [key] + ([label_key] if label_key else [])
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.2 * (len(panels) + 1), 4.6))
+    for ax, col in zip(axes, panels, strict=False):
+        cats = emb.obs[col].astype("category")
+        cmap = plt.get_cmap("tab20", max(len(cats.cat.categories), 1))
+        xy = emb.obsm["X_umap"]
+        ax.scatter(xy[:, 0], xy[:, 1], c=cats.cat.codes, cmap=cmap, s=4, linewidths=0)
+        ax.set_title(f"UMAP of X_{key}: {col} ({len(cats.cat.categories)})")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = axes[-1]
+    if hist and "epoch" in hist:
+        ep = np.asarray(hist["epoch"])
+        for name in ("loss", "instance_loss", "cluster_loss"):
+            if name in hist:
+                ax.plot(ep, hist[name], marker="o", ms=3, label=name)
+        ax2 = ax.twinx()
+        ax2.plot(ep, hist["label_change"], color="grey", ls="--", label="labels changed")
+        ax2.set_ylabel("fraction of labels changed since last round")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.set_title("training, per reclustering round")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
