@@ -7,48 +7,28 @@
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
-import scanpy as sc
 from sklearn.cluster import KMeans
+
+from cicl.data.estimate import knn_graph, leiden_labels
 
 
 def kmeans_pca(pcs: np.ndarray, k: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(pcs)
 
 
-def _graph(pcs: np.ndarray, seed: int) -> ad.AnnData:
-    a = ad.AnnData(X=np.zeros((pcs.shape[0], 1), dtype=np.float32))
-    a.obsm["X_pca"] = pcs
-    # exact kNN via sklearn: scanpy 1.11's pynndescent path (>= 8192 cells) breaks on csr_array
-    sc.pp.neighbors(a, use_rep="X_pca", n_neighbors=15, random_state=seed, transformer="sklearn")
-    return a
-
-
-def leiden(
-    pcs: np.ndarray, seed: int, resolution: float = 1.0, graph: ad.AnnData | None = None
-) -> np.ndarray:
-    a = graph if graph is not None else _graph(pcs, seed)
-    sc.tl.leiden(
-        a,
-        resolution=resolution,
-        random_state=seed,
-        key_added="_l",
-        flavor="igraph",
-        n_iterations=2,
-        directed=False,
-    )
-    return a.obs["_l"].cat.codes.to_numpy()
+def leiden(pcs: np.ndarray, seed: int, resolution: float = 1.0) -> np.ndarray:
+    return leiden_labels(knn_graph(pcs, seed), resolution, seed)
 
 
 def leiden_at_k(pcs: np.ndarray, k: int, seed: int, steps: int = 20) -> np.ndarray:
-    """Bisect the resolution (log scale) until Leiden returns k clusters (or closest)."""
-    g = _graph(pcs, seed)
+    """Bisect the resolution (log scale) until Leiden returns k clusters (or the closest)."""
+    g = knn_graph(pcs, seed)
     lo, hi = 0.01, 10.0
-    best = None
+    best: tuple[int, np.ndarray] | None = None
     for _ in range(steps):
         res = float(np.sqrt(lo * hi))
-        lab = leiden(pcs, seed, res, g)
+        lab = leiden_labels(g, res, seed)
         n = len(np.unique(lab))
         if best is None or abs(n - k) < abs(best[0] - k):
             best = (n, lab)
@@ -58,4 +38,5 @@ def leiden_at_k(pcs: np.ndarray, k: int, seed: int, steps: int = 20) -> np.ndarr
             lo = res
         else:
             hi = res
+    assert best is not None
     return best[1]

@@ -44,6 +44,17 @@ def code_instance_loss(
     return F.cross_entropy(similarity(z1, z2, kernel) / tau, target)
 
 
+def _pairs(
+    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both views stacked (2B, D), their labels, validity, and the valid different-label mask."""
+    z = torch.cat([z1, z2])
+    lab = torch.cat([labels, labels])
+    ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
+    neg = (lab[:, None] != lab[None, :]) & ok[:, None] & ok[None, :]
+    return z, lab, ok, neg
+
+
 def paper_cluster_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -57,15 +68,11 @@ def paper_cluster_loss(
     Anchors without a different-label sample in the batch (or not ``valid``) are skipped;
     invalid samples are neither positives nor negatives.
     """
-    z = torch.cat([z1, z2])
-    lab = torch.cat([labels, labels])
-    ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
+    z, lab, ok, neg = _pairs(z1, z2, labels, valid)
     n = z.shape[0]
     sim = similarity(z, z, kernel) / tau
-    same = lab[:, None] == lab[None, :]
-    pair_ok = ok[:, None] & ok[None, :]
-    pos = same & pair_ok & ~torch.eye(n, dtype=torch.bool, device=z.device)
-    neg = ~same & pair_ok
+    same = (lab[:, None] == lab[None, :]) & ok[:, None] & ok[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool, device=z.device)
     anchors = ok & neg.any(1) & pos.any(1)
     if not anchors.any():
         return z.sum() * 0.0
@@ -86,13 +93,10 @@ def code_cluster_loss(
     cells, the positive is the twin, negatives are both views of other-label cells; the mean
     over the cluster's anchors is summed over clusters."""
     b = z1.shape[0]
-    z = torch.cat([z1, z2])
-    lab = torch.cat([labels, labels])
-    ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else torch.cat([valid, valid])
+    z, lab, ok, neg = _pairs(z1, z2, labels, valid)
     sim = similarity(z, z, kernel) / tau
     twin = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     s_pos = sim[torch.arange(2 * b, device=z.device), twin]
-    neg = (lab[:, None] != lab[None, :]) & ok[:, None] & ok[None, :]
     lneg = torch.logsumexp(sim.masked_fill(~neg, NEG_INF), dim=1)
     per_anchor = torch.logaddexp(s_pos, lneg) - s_pos
     per_anchor = torch.where(neg.any(1), per_anchor, torch.zeros_like(per_anchor))

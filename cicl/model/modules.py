@@ -53,6 +53,23 @@ def balanced_gene_groups(loadings: np.ndarray, n_groups: int, seed: int = 0) -> 
     return idx
 
 
+def pca_skip(
+    n_genes: int, cfg: ModelConfig, pca_init: tuple[np.ndarray, np.ndarray] | None, out: nn.Linear
+) -> nn.Linear | None:
+    """Optional PCA residual path (``model.pca_residual``): h = PCA(x) + branch(x), with the
+    branch's output layer ``out`` shrunk so training starts near the PCA embedding."""
+    if pca_init is None:
+        return None
+    w, b = pca_init
+    skip = nn.Linear(n_genes, cfg.embed_dim)
+    with torch.no_grad():
+        skip.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        skip.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+        out.weight.mul_(cfg.residual_init)
+        out.bias.zero_()
+    return skip
+
+
 class GeneModuleTransformer(nn.Module):
     def __init__(
         self,
@@ -84,17 +101,7 @@ class GeneModuleTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.embed_dim)
         self.embed_dim = cfg.embed_dim
-        self.skip: nn.Linear | None = None
-        if pca_init is not None:
-            # PCA residual path: h = PCA(x) + Transformer(x), the Transformer branch starting
-            # at zero, so training starts from the PCA embedding and only moves what it learns
-            w, b = pca_init
-            self.skip = nn.Linear(n_genes, cfg.embed_dim)
-            with torch.no_grad():
-                self.skip.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
-                self.skip.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
-                self.out.weight.mul_(cfg.residual_init)
-                self.out.bias.zero_()
+        self.skip = pca_skip(n_genes, cfg, pca_init, self.out)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         xp = F.pad(x, (0, 1))  # column G is the zero padding gene
@@ -156,15 +163,7 @@ class MLPEncoder(nn.Module):
             nn.Linear(256, cfg.embed_dim),
         )
         self.embed_dim = cfg.embed_dim
-        self.skip: nn.Linear | None = None
-        if pca_init is not None:
-            w, b = pca_init
-            self.skip = nn.Linear(n_genes, cfg.embed_dim)
-            with torch.no_grad():
-                self.skip.weight.copy_(torch.as_tensor(w))
-                self.skip.bias.copy_(torch.as_tensor(b))
-                self.net[-1].weight.mul_(cfg.residual_init)
-                self.net[-1].bias.zero_()
+        self.skip = pca_skip(n_genes, cfg, pca_init, self.net[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
