@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run the reference preset (51 epochs, width-G encoder) only up to this size",
     )
     ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep other methods' rows from an existing quality.csv in --out and "
+                    "replace only the methods run now (e.g. rerun CICL after a change)")
     args = ap.parse_args(argv)
     import anndata as ad
 
@@ -206,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     with get_context("spawn").Pool(args.procs) as pool:
         for r in tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="benchmark"):
             rows += r
-    df = pd.DataFrame(rows).sort_values(["dataset", "method", "seed"])
+    df = pd.DataFrame(rows)
+    if args.merge and (out / "quality.csv").exists():
+        old = pd.read_csv(out / "quality.csv")
+        df = pd.concat([old[~old.method.isin(methods)], df], ignore_index=True)
+        methods = [m for m in METHODS if m in set(df.method)]
+    df = df.sort_values(["dataset", "method", "seed"])
     df.to_csv(out / "quality.csv", index=False)
     md = to_markdown(df, methods)
     (out / "quality.md").write_text(md)

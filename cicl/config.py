@@ -44,7 +44,8 @@ class ModelConfig:
     ffn_dim: int = 128
     dropout: float = 0.1
     embed_dim: int = 32
-    cell_token: bool = True  # CLS token = linear read-out of the whole profile
+    cell_token: bool = False  # CLS token += linear read-out of the whole profile (measured
+    # worse on the small sets: mean ARI 0.643 with it vs 0.667 without, see README)
     pca_residual: bool = False  # h = PCA(x) + Transformer(x); Transformer branch starts small
     residual_init: float = 0.1  # initial scale of the Transformer branch's output layer
     # reference (official code): residual MLP blocks at width G, embedding dim = G
