@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the reference preset (51 epochs, width-G encoder) only up to this size",
     )
     ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--merge", action="store_true",
-                    help="keep other methods' rows from an existing quality.csv in --out and "
-                    "replace only the methods run now (e.g. rerun CICL after a change)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep other methods' rows from an existing quality.csv in --out and "
+        "replace only the methods run now (e.g. rerun CICL after a change)",
+    )
     args = ap.parse_args(argv)
     import anndata as ad
 

@@ -55,7 +55,7 @@ def plot_fit(
                 ax.plot(ep, hist[name], marker="o", ms=3, label=name)
         ax2 = ax.twinx()
         ax2.plot(ep, hist["label_change"], color="grey", ls="--", label="labels changed")
-        ax2.set_ylabel("fraction of labels changed since last round")
+        ax2.set_ylabel("pseudo-label change since last round (1 - ARI)")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
         ax.set_title("training, per reclustering round")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
@@ -214,7 +215,9 @@ def train(
                 "instance_loss": inst_tot / max(nb, 1),
                 "cluster_loss": clu_tot / max(nb, 1),
                 "inertia": km.inertia,
-                "label_change": float((lab_all != prev_labels).float().mean()),
+                # permutation-invariant: K-means restarts renumber clusters
+                "label_change": 1.0
+                - float(adjusted_rand_score(prev_labels.cpu().numpy(), lab_all.cpu().numpy())),
                 "cluster_active": bool(use_cluster),
             }
             prev_labels = lab_all.clone()
