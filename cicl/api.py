@@ -48,6 +48,11 @@ def fit(
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
     adata = adata.copy() if copy else adata
     check_matrix(adata, layer)
+    if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > adata.n_obs:
+        raise InputError(
+            f"--n-clusters {cfg.cluster.n_clusters} exceeds the number of cells ({adata.n_obs}). "
+            "Use fewer clusters."
+        )
     t0 = time.perf_counter()
     prep = preprocess(adata, cfg.preprocess, layer=layer)
     k, source = _choose_k(cfg, prep.pcs)
@@ -57,14 +62,11 @@ def fit(
 
 
 def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
-    n = pcs.shape[0]
     k = cfg.cluster.n_clusters
     if k is None:
         from cicl.data.estimate import estimate_n_clusters
 
         return estimate_n_clusters(pcs, seed=cfg.seed), "estimated: Leiden(resolution=1.0) on PCA"
-    if k > n:
-        raise InputError(f"--n-clusters {k} exceeds the number of cells ({n}). Use fewer clusters.")
     return k, "given"
 
 

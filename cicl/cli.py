@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -119,8 +118,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
             )
         if adata.obs[args.label_key].isna().any():
             raise CICLError(f"--label-key '{args.label_key}' has missing values.")
-    if k is not None and k > adata.n_obs:
-        raise CICLError(f"--n-clusters {k} exceeds the number of cells ({adata.n_obs}).")
     fit(
         adata,
         k,
@@ -186,7 +183,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
         if args.command == "fit":
             return cmd_fit(args)

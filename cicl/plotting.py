@@ -8,6 +8,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from cicl._keys import embedding_key
+from cicl.data.estimate import knn_graph
+
 
 def plot_fit(
     adata: ad.AnnData,
@@ -23,18 +26,9 @@ def plot_fit(
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    emb = ad.AnnData(
-        X=np.zeros((adata.n_obs, 1), dtype=np.float32),
-        obs=adata.obs[[key] + ([label_key] if label_key else [])].copy(),
-    )
-    emb.obsm["X_rep"] = np.asarray(adata.obsm[f"X_{key}"])
-    sc.pp.neighbors(
-        emb,
-        use_rep="X_rep",
-        n_neighbors=min(15, adata.n_obs - 1),
-        random_state=seed,
-        transformer="sklearn",
-    )
+    emb = knn_graph(np.asarray(adata.obsm[embedding_key(key)]), seed)
+    for col in [key] + ([label_key] if label_key else []):
+        emb.obs[col] = adata.obs[col].to_numpy()
     sc.tl.umap(emb, random_state=seed)
     hist = adata.uns[key].get("history") or {}
     panels = [key] + ([label_key] if label_key else [])
@@ -44,7 +38,7 @@ def plot_fit(
         cmap = plt.get_cmap("tab20", max(len(cats.cat.categories), 1))
         xy = emb.obsm["X_umap"]
         ax.scatter(xy[:, 0], xy[:, 1], c=cats.cat.codes, cmap=cmap, s=4, linewidths=0)
-        ax.set_title(f"UMAP of X_{key}: {col} ({len(cats.cat.categories)})")
+        ax.set_title(f"UMAP of {embedding_key(key)}: {col} ({len(cats.cat.categories)})")
         ax.set_xticks([])
         ax.set_yticks([])
     ax = axes[-1]

@@ -27,7 +27,6 @@ def weighted_ward(centroids: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarra
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * c @ c.T, 0.0)
     cost = (n[:, None] * n[None, :] / (n[:, None] + n[None, :])) * d2
     np.fill_diagonal(cost, np.inf)
-    alive = np.ones(m, dtype=bool)
     group = np.arange(m)
     for _ in range(m - k):
         flat = int(np.argmin(cost))
@@ -42,7 +41,6 @@ def weighted_ward(centroids: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarra
         cost[j, :] = np.inf
         cost[:, j] = np.inf
         n[i] = ni + nj
-        alive[j] = False
         group[group == j] = i
     _, relabel = np.unique(group, return_inverse=True)
     return relabel

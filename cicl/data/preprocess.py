@@ -56,7 +56,7 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     X = adata.layers[layer] if layer is not None else adata.X
     X = X.astype(np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
     X = sp.csr_matrix(X)
-    work = ad.AnnData(X=X, var={"_name": np.asarray(adata.var_names)})
+    work = ad.AnnData(X=X)
     work.var_names = np.asarray(adata.var_names).astype(str)
     work.obs_names = np.asarray(adata.obs_names).astype(str)
     kind = detect_values(work.X)
