@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
@@ -14,6 +14,9 @@ from cicl.config import CICLConfig
 from cicl.data.io import check_matrix
 from cicl.data.preprocess import preprocess
 from cicl.errors import InputError
+
+if TYPE_CHECKING:
+    from cicl.distributed import RayOptions
 from cicl.train.loop import TrainResult, train
 
 
@@ -26,6 +29,8 @@ def fit(
     key_added: str = DEFAULT_KEY,
     copy: bool = False,
     progress: bool = True,
+    workers: int | None = None,
+    ray_options: RayOptions | None = None,
 ) -> ad.AnnData | None:
     """Cluster cells with CICL.
 
@@ -40,6 +45,9 @@ def fit(
     - ``uns[key_added]``: ``params`` (the full config), ``preprocess`` (every decision taken on
       the input), ``n_clusters`` and ``n_clusters_source``, ``centroids``, ``history`` (one
       record per reclustering round), ``epochs``, ``steps``, ``seconds``.
+
+    With ``workers`` (or ``ray_options``) training runs as a Ray Train job over that many
+    workers (see ``cicl.distributed``); otherwise in this process.
 
     Returns ``adata`` if ``copy`` else None.
     """
@@ -56,8 +64,17 @@ def fit(
     t0 = time.perf_counter()
     prep = preprocess(adata, cfg.preprocess, layer=layer)
     k, source = _choose_k(cfg, prep.pcs)
-    res = train(prep.x, prep.pcs, k, cfg, progress=progress)
-    write_result(adata, res, cfg, prep.info, k, source, key_added, time.perf_counter() - t0)
+    if workers is not None and ray_options is None:
+        ray_options = RayOptions(workers=workers)
+    if ray_options is not None:
+        from cicl.distributed import fit_ray
+
+        res = fit_ray(prep.x, prep.pcs, k, cfg, ray_options, progress=progress)
+    else:
+        res = train(prep.x, prep.pcs, k, cfg, progress=progress)
+    n_workers = ray_options.workers if ray_options is not None else 1
+    seconds = time.perf_counter() - t0
+    write_result(adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers)
     return adata if copy else None
 
 
@@ -79,6 +96,7 @@ def write_result(
     source: str,
     key_added: str,
     seconds: float,
+    workers: int = 1,
 ) -> None:
     labels = res.labels.astype(int)
     cats = [str(i) for i in range(k)]
@@ -94,6 +112,7 @@ def write_result(
         "epochs": int(res.epochs),
         "steps": int(res.steps),
         "seconds": float(seconds),
+        "workers": int(workers),
     }
 
 

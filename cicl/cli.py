@@ -86,12 +86,65 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print one JSON line with the results")
     f.add_argument("--force", action="store_true", help="overwrite an existing output file")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_ray_args(f)
 
     c = sub.add_parser("config", help="show or validate configurations")
     c.add_argument("action", choices=["show", "validate"])
     c.add_argument("file", nargs="?", default=None)
     c.add_argument("--preset", choices=PRESETS, default=None)
     return p
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray Train (distributed training)")
+    g.add_argument(
+        "--workers",
+        default=None,
+        help="train with N Ray Train workers (gloo on CPU, NCCL with GPUs); default: one process",
+    )
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G")
+    g.add_argument("--cpus-per-worker", type=float, default=None, metavar="C")
+    g.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start Ray locally)"
+    )
+    g.add_argument(
+        "--run-dir",
+        default=None,
+        help="Ray storage for checkpoints (default ./runs/ray; shared storage on clusters)",
+    )
+    g.add_argument(
+        "--run-name",
+        default=None,
+        help="name of the Ray run; re-running with the same name resumes from its checkpoint",
+    )
+    g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
+
+
+def _ray_options(args: argparse.Namespace):
+    ray_flags = (args.gpus_per_worker, args.address, args.run_name, args.cpus_per_worker)
+    if args.workers is None:
+        if any(ray_flags):
+            raise CICLError("--gpus-per-worker/--address/--run-name need --workers N.")
+        return None
+    try:
+        n = int(args.workers)
+    except ValueError:
+        raise CICLError(f"--workers must be an integer, got '{args.workers}'.") from None
+    if n < 1:
+        raise CICLError(f"--workers must be >= 1, got {n}.")
+    if args.gpus_per_worker < 0:
+        raise CICLError("--gpus-per-worker must be >= 0.")
+    from cicl.distributed import RayOptions
+
+    return RayOptions(
+        workers=n,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        address=args.address,
+        storage=args.run_dir,
+        name=args.run_name,
+        max_failures=args.max_failures,
+    )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -105,6 +158,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
     k = _positive_int("--n-clusters", args.n_clusters)
+    ray_opts = _ray_options(args)
     out = check_output(args.input, args.out, args.force)
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         raise CICLError(f"Folder for --plot '{args.plot}' does not exist. Create it first.")
@@ -125,6 +179,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         layer=args.layer,
         key_added=args.key_added,
         progress=not args.quiet and sys.stderr.isatty(),
+        ray_options=ray_opts,
     )
     info = adata.uns[args.key_added]
     result: dict[str, Any] = {
@@ -136,6 +191,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "n_clusters_source": info["n_clusters_source"],
         "epochs": int(info["epochs"]),
         "steps": int(info["steps"]),
+        "workers": int(info["workers"]),
     }
     if args.label_key is not None:
         result.update(score(adata.obs[args.key_added].to_numpy(), adata.obs[args.label_key]))
@@ -161,7 +217,8 @@ def _summary(adata, key: str, r: dict[str, Any]) -> None:
         f"{r['n_genes_used']} genes used)",
         f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
-        f"  training: {r['epochs']} epochs, {r['steps']} steps; total {r['seconds']:.1f} s",
+        f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s); "
+        f"total {r['seconds']:.1f} s",
     ]
     if "ari" in r:
         lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")

@@ -1,23 +1,20 @@
 """K-means in torch with seeded k-means++ and a pluggable reduction.
 
 Shaped after faiss' map-reduce K-means: ``partial_stats`` turns a shard of points and the
-current centroids into per-cluster sums, counts and inertia; ``reduce`` combines partials (the
-identity in one process, an all-reduce across Ray workers later). Update, empty-cluster refill
+current centroids into per-cluster sums, counts and inertia; ``comm.sum`` combines partials (the
+identity in one process, an all-reduce across Ray workers). Update, empty-cluster refill
 and convergence are the same functions everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
+from cicl.comm import Comm
 
-
-def identity(t: torch.Tensor) -> torch.Tensor:
-    return t
+LOCAL = Comm()
 
 
 @dataclass
@@ -58,28 +55,58 @@ def partial_stats(
     return sums, counts, dist.sum().to(torch.float64), lab, dist
 
 
-def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (2 + log k candidates per step, as sklearn), seeded."""
-    n = x.shape[0]
+def _offset(n_local: int, comm: Comm) -> int:
+    """Global index of this rank's first row when shards are concatenated in rank order."""
+    sizes = comm.gather(torch.tensor([n_local], dtype=torch.long))
+    return int(sizes[: comm.rank].sum())
+
+
+def _rows(x: torch.Tensor, gidx: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
+    """Rows at global indices ``gidx`` of the rank-ordered concatenation of all shards: each
+    owner fills its rows, a sum-reduce hands them to everyone."""
+    local = gidx - offset
+    mine = (local >= 0) & (local < x.shape[0])
+    out = torch.zeros(len(gidx), x.shape[1], dtype=torch.float64, device=x.device)
+    out[mine] = x[local[mine]].to(torch.float64)
+    return comm.sum(out).to(x.dtype)
+
+
+def kmeans_pp(
+    x: torch.Tensor, k: int, generator: torch.Generator, comm: Comm = LOCAL
+) -> torch.Tensor:
+    """Greedy k-means++ (2 + log k candidates per step, as sklearn), seeded.
+
+    Distributed: every rank draws the same random numbers from a generator seeded alike, and
+    candidates are found in the rank-ordered concatenation of the shards, so all ranks agree on
+    every centre and the result equals the single-process run on the concatenated data."""
+    n_local = x.shape[0]
+    n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
+    offset = _offset(n_local, comm)
     n_trials = 2 + int(torch.log(torch.tensor(float(k))).item())
-    first = torch.randint(n, (1,), generator=generator).item()
-    centers = [x[first]]
-    closest = sq_dists(x, x[first : first + 1]).squeeze(1)
+    first = torch.randint(n, (1,), generator=generator)
+    c0 = _rows(x, first.to(x.device), offset, comm)
+    centers = [c0[0]]
+    closest = sq_dists(x, c0).squeeze(1)
     for _ in range(1, k):
-        total = closest.sum()
+        part = closest.double().sum()
+        totals = comm.gather(part.reshape(1))  # per-rank potentials, rank order
+        total = float(totals.sum())
         if total <= 0:  # all remaining points coincide with centres
             idx = torch.randint(n, (n_trials,), generator=generator)
         else:
-            u = (
-                torch.rand(n_trials, generator=generator, dtype=torch.float64).to(x.device)
-                * total.item()
-            )
-            idx = torch.searchsorted(torch.cumsum(closest.double(), 0), u).clamp_max(n - 1)
-        cand = sq_dists(x, x[idx])  # (n, trials)
-        pot = torch.minimum(closest[:, None], cand).sum(0)
+            u = torch.rand(n_trials, generator=generator, dtype=torch.float64) * total
+            before = float(totals[: comm.rank].sum())
+            cum = torch.cumsum(closest.double(), 0).cpu() + before
+            local = torch.searchsorted(cum, u)  # position within this shard's stretch
+            inside = (u >= before) & (u < before + float(part)) & (local < n_local)
+            idx = torch.where(inside, local + offset, torch.zeros_like(local))
+            idx = comm.sum(idx).clamp_max(n - 1)
+        cand = _rows(x, idx.to(x.device), offset, comm)  # (trials, d)
+        d_cand = sq_dists(x, cand)  # (n_local, trials)
+        pot = comm.sum(torch.minimum(closest[:, None], d_cand).double().sum(0))
         best = int(pot.argmin())
-        centers.append(x[idx[best]])
-        closest = torch.minimum(closest, cand[:, best])
+        centers.append(cand[best])
+        closest = torch.minimum(closest, d_cand[:, best])
     return torch.stack(centers)
 
 
@@ -94,23 +121,31 @@ def update(
 
 
 def refill_empty(
-    x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor
+    x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor, comm: Comm = LOCAL
 ) -> torch.Tensor:
-    """Move each empty centroid onto the point currently farthest from its centroid."""
-    if not empty.any():
+    """Move each empty centroid onto one of the points currently farthest from their centroid
+    (over all shards: each rank offers its farthest points, all ranks pick the same ones)."""
+    n_empty = int(empty.sum())
+    if n_empty == 0:
         return c
     c = c.clone()
-    far = torch.argsort(dist, descending=True)
+    m = min(n_empty, x.shape[0])
+    top = torch.topk(dist, m).indices
+    d_off = torch.full((n_empty,), -1.0, dtype=torch.float64, device=x.device)
+    p_off = torch.zeros(n_empty, x.shape[1], dtype=x.dtype, device=x.device)
+    d_off[:m], p_off[:m] = dist[top].double(), x[top]
+    d_all, p_all = comm.gather(d_off), comm.gather(p_off)
+    order = torch.argsort(d_all, descending=True, stable=True)
     for j, e in enumerate(torch.nonzero(empty).flatten().tolist()):
-        c[e] = x[far[j % len(far)]]
+        c[e] = p_all[order[j % len(order)]]
     return c
 
 
-def _mean_variance(x: torch.Tensor, reduce: Reduce) -> float:
+def _mean_variance(x: torch.Tensor, comm: Comm) -> float:
     """Mean per-feature variance over all shards: sklearn's scale for the tolerance."""
     xd = x.to(torch.float64)
-    n = reduce(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-    s1, s2 = reduce(xd.sum(0)), reduce(xd.pow(2).sum(0))
+    n = comm.sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+    s1, s2 = comm.sum(xd.sum(0)), comm.sum(xd.pow(2).sum(0))
     return float((s2 / n - (s1 / n) ** 2).mean())
 
 
@@ -120,23 +155,23 @@ def lloyd(
     *,
     max_iter: int = 100,
     tol: float = 1e-4,
-    reduce: Reduce = identity,
+    comm: Comm = LOCAL,
 ) -> KMeansResult:
-    """Lloyd iterations from ``init``; ``reduce`` sums partial statistics across shards."""
+    """Lloyd iterations from ``init``; ``comm.sum`` adds partial statistics across shards."""
     c = init.clone()
-    tol_abs = tol * _mean_variance(x, reduce)
+    tol_abs = tol * _mean_variance(x, comm)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
         sums, counts, _, _, dist = partial_stats(x, c)
-        sums, counts = reduce(sums), reduce(counts)
+        sums, counts = comm.sum(sums), comm.sum(counts)
         new, empty = update(sums, counts, c)
-        new = refill_empty(x, new, empty, dist)
+        new = refill_empty(x, new, empty, dist, comm)
         shift = (new - c).pow(2).sum().item()
         c = new
         if shift <= tol_abs:
             break
     _, _, inertia, lab, _ = partial_stats(x, c)
-    return KMeansResult(c, lab, float(reduce(inertia).item()), n_iter)
+    return KMeansResult(c, lab, float(comm.sum(inertia).item()), n_iter)
 
 
 def kmeans(
@@ -146,16 +181,18 @@ def kmeans(
     n_init: int = 10,
     max_iter: int = 100,
     seed: int = 0,
-    reduce: Reduce = identity,
+    comm: Comm = LOCAL,
 ) -> KMeansResult:
-    """Best of ``n_init`` seeded k-means++ + Lloyd runs, by inertia."""
-    if k > x.shape[0]:
-        raise ValueError(f"cannot form {k} clusters from {x.shape[0]} points")
+    """Best of ``n_init`` seeded k-means++ + Lloyd runs, by inertia (``x`` is this rank's
+    shard; every rank gets the same centroids)."""
+    n = int(comm.sum(torch.tensor(x.shape[0], dtype=torch.long)))
+    if k > n:
+        raise ValueError(f"cannot form {k} clusters from {n} points")
     gen = torch.Generator().manual_seed(seed)
     best: KMeansResult | None = None
     for _ in range(n_init):
-        init = kmeans_pp(x, k, gen)
-        res = lloyd(x, init, max_iter=max_iter, reduce=reduce)
+        init = kmeans_pp(x, k, gen, comm)
+        res = lloyd(x, init, max_iter=max_iter, comm=comm)
         if best is None or res.inertia < best.inertia:
             best = res
     assert best is not None

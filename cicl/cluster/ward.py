@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cicl.cluster.kmeans import Reduce, identity, kmeans
+from cicl.cluster.kmeans import LOCAL, kmeans
+from cicl.comm import Comm
 
 
 def weighted_ward(centroids: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
@@ -47,15 +48,15 @@ def weighted_ward(centroids: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarra
 
 
 def ward_labels(
-    x: torch.Tensor, k: int, *, n_micro: int = 1000, seed: int = 0, reduce: Reduce = identity
+    x: torch.Tensor, k: int, *, n_micro: int = 1000, seed: int = 0, comm: Comm = LOCAL
 ) -> torch.Tensor:
     """Cluster labels of ``x`` into ``k`` groups: micro-cluster K-means, then weighted Ward."""
     n = x.shape[0]
     if n <= n_micro:
         cents, sizes, lab = x, torch.ones(n), torch.arange(n)
     else:
-        res = kmeans(x, n_micro, n_init=1, max_iter=20, seed=seed, reduce=reduce)
-        sizes = reduce(torch.bincount(res.labels, minlength=n_micro).to(torch.float64))
+        res = kmeans(x, n_micro, n_init=1, max_iter=20, seed=seed, comm=comm)
+        sizes = comm.sum(torch.bincount(res.labels, minlength=n_micro).to(torch.float64))
         keep = sizes > 0
         remap = torch.cumsum(keep.long(), 0) - 1
         cents, sizes, lab = res.centroids[keep], sizes[keep], remap[res.labels]

@@ -22,6 +22,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
 from cicl.cluster.ward import ward_labels
+from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
 from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
@@ -87,22 +88,46 @@ def train(
     *,
     rank: int = 0,
     progress: bool = False,
-    on_round: Callable[[dict], None] | None = None,
+    on_round: Callable[[dict, dict], None] | None = None,
+    comm: Comm | None = None,
+    groups: np.ndarray | None = None,
+    pca_init: tuple[np.ndarray, np.ndarray] | None = None,
+    restore: dict | None = None,
 ) -> TrainResult:
+    """Train CICL on this process' cells and cluster them.
+
+    In one process ``x`` (cells x genes, scaled) and ``pcs`` hold every cell. Under
+    ``torch.distributed`` (Ray Train workers, torchrun) they hold this rank's shard; ``comm``
+    makes the contrastive loss see the global batch (projections gathered with gradients), DDP
+    averages gradients, and K-means runs across shards, so the objective is the one-process one.
+    ``groups``/``pca_init`` (gene modules, PCA-initialised skip) must then be the same on every
+    rank: computed once by the caller; in one process they are derived here.
+
+    ``on_round(record, checkpoint)`` is called after every reclustering round on every rank
+    (``checkpoint`` is the full training state, RNG of every rank included; pass it back as
+    ``restore`` to continue exactly where it was taken).
+    """
     t0 = time.perf_counter()
+    comm = comm or Comm()
+    rank = comm.rank if comm.world > 1 else rank
     device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # augmentation: seed + rank
-    n = x.shape[0]
+    n_local = x.shape[0]
+    n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
 
-    groups = None
-    if cfg.model.encoder == "transformer":
+    if cfg.model.encoder == "transformer" and groups is None:
         groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
-    pca_init = None
-    if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual:
+    if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual and pca_init is None:
         pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
     model = CICLModel(x.shape[1], cfg.model, groups, pca_init).to(device)
+    net: torch.nn.Module = model
+    if comm.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -112,6 +137,8 @@ def train(
     epochs = cfg.train.epochs or auto_epochs(
         n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
     )
+    b_local = max(1, bs // comm.world)  # the global batch is split evenly over ranks
+    steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
     inst_fn = INSTANCE_LOSSES[cfg.loss.instance_loss]
     clu_fn = CLUSTER_LOSSES[cfg.loss.cluster_loss]
@@ -124,7 +151,7 @@ def train(
 
     static = None
     if cfg.augment.resample == "static":  # official code: two views drawn once
-        all_idx = torch.arange(n, device=device)
+        all_idx = torch.arange(n_local, device=device)
         static = (
             augment(xt, nbr_rows(all_idx), cfg.augment, gen),
             augment(xt, nbr_rows(all_idx), cfg.augment, gen),
@@ -132,18 +159,23 @@ def train(
 
     pca_block = None
     if cfg.cluster.space == "hybrid":
-        p = torch.from_numpy(np.ascontiguousarray(pcs, dtype=np.float32)).to(device)
-        p = p - p.mean(0)
-        pca_block = p * (cfg.cluster.pca_weight / p.pow(2).sum(1).mean().sqrt())
+        pca_block = _pca_block(pcs, cfg.cluster.pca_weight, comm).to(device)
 
-    def space(h: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def space(h: torch.Tensor) -> torch.Tensor:
         if cfg.cluster.space == "euclidean":
             return h
         h = F.normalize(h, dim=1)
-        if pca_block is None:
-            return h
-        blk = pca_block if idx is None else pca_block[idx]
-        return torch.cat([h, blk], dim=1)
+        return h if pca_block is None else torch.cat([h, pca_block], dim=1)
+
+    def cluster(h: torch.Tensor) -> KMeansResult:
+        return kmeans(
+            h,
+            n_clusters,
+            n_init=cfg.cluster.n_init,
+            max_iter=cfg.cluster.max_iter,
+            seed=cfg.seed,
+            comm=comm,
+        )
 
     def pseudo_labels(res: KMeansResult) -> tuple[torch.Tensor, torch.Tensor]:
         """Clustering head: Student's t soft assignment of every cell to the round's centroids
@@ -151,71 +183,95 @@ def train(
         h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
         return student_t(h, res.centroids, cfg.cluster.alpha).max(1)
 
-    def recluster(epoch: int, prev: KMeansResult | None) -> KMeansResult:
+    def recluster(prev: KMeansResult | None) -> KMeansResult:
         h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
-        res = kmeans(
-            h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed
-        )
+        res = cluster(h)
         if prev is not None:  # warm start from the previous round, keep whichever fits better
-            warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter)
+            warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
             if warm.inertia <= res.inertia:
                 res = warm
         return res
 
-    km = recluster(0, None)
-    conf_all, lab_all = pseudo_labels(km)
+    def snapshot(epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "steps": steps,
+            "world": comm.world,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "centroids": km.centroids.cpu(),
+            "inertia": km.inertia,
+            "history": list(history),
+            "rng_aug": comm.gather(gen.get_state()[None]),
+            "rng_torch": comm.gather(torch.get_rng_state()[None]),
+        }
+
     history: list[dict] = []
-    prev_labels = lab_all.clone()
     steps = 0
-    bar = _progress(epochs, progress)
-    for epoch in range(1, epochs + 1):
+    start_epoch = 1
+    if restore is None:
+        km = recluster(None)
+    else:
+        model.load_state_dict(restore["model"])
+        opt.load_state_dict(restore["optimizer"])
+        cents = restore["centroids"].to(device)
+        km = KMeansResult(cents, torch.empty(0, dtype=torch.long), float(restore["inertia"]), 0)
+        history = list(restore["history"])
+        steps = int(restore["steps"])
+        start_epoch = int(restore["epoch"]) + 1
+        if int(restore["world"]) == comm.world:  # else: fresh augmentation streams
+            gen.set_state(restore["rng_aug"][rank].clone())
+            torch.set_rng_state(restore["rng_torch"][rank].clone())
+    conf_all, lab_all = pseudo_labels(km)
+    prev_labels = lab_all.clone()
+    bar = _progress(epochs, progress and rank == 0, initial=start_epoch - 1)
+    for epoch in range(start_epoch, epochs + 1):
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n_local, generator=gen).to(device)
         use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
         tot = inst_tot = clu_tot = 0.0
-        nb = 0
-        for i in range(0, n - bs + 1, bs):
-            idx = perm[i : i + bs]
-            xb = xt[idx]
+        for i in range(steps_per_epoch):
+            idx = perm[i * b_local : (i + 1) * b_local]
             if static is not None:
                 v1, v2 = static[0][idx], static[1][idx]
             else:
+                xb = xt[idx]
                 v1 = augment(xb, nbr_rows(idx), cfg.augment, gen)
                 v2 = augment(xb, nbr_rows(idx), cfg.augment, gen)
-            _, z1 = model(v1)
-            _, z2 = model(v2)
+            _, z = net(torch.cat([v1, v2]))
+            z1, z2 = comm.gather_grad(z[: len(idx)]), comm.gather_grad(z[len(idx) :])
             loss_i = inst_fn(z1, z2, tau, kern)
             loss = loss_i
             loss_c = torch.zeros(())
             if use_cluster:
-                valid = conf_all[idx] >= cfg.loss.confidence
-                loss_c = clu_fn(z1, z2, lab_all[idx], tau, valid, kern)
+                valid = comm.gather(conf_all[idx] >= cfg.loss.confidence)
+                loss_c = clu_fn(z1, z2, comm.gather(lab_all[idx]), tau, valid, kern)
                 loss = loss + cfg.loss.lam * loss_c
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps += 1
-            nb += 1
             tot += loss.item()
             inst_tot += loss_i.item()
             clu_tot += loss_c.item()
+        nb = max(steps_per_epoch, 1)
         every = cfg.cluster.recluster_every
         if every is None and use_cluster:
             # official code: centroids fixed, pseudo-labels re-derived as the embedding moves
             conf_all, lab_all = pseudo_labels(km)
         if every is not None and (epoch % every == 0 or epoch == epochs):
-            km = recluster(epoch, km)
+            km = recluster(km)
             conf_all, lab_all = pseudo_labels(km)
         log_every = every or 5  # without reclustering, still record every 5 epochs (as the code)
         if epoch % log_every == 0 or epoch == epochs:
             rec = {
                 "epoch": epoch,
                 "step": steps,
-                "loss": tot / max(nb, 1),
-                "instance_loss": inst_tot / max(nb, 1),
-                "cluster_loss": clu_tot / max(nb, 1),
+                "loss": tot / nb,
+                "instance_loss": inst_tot / nb,
+                "cluster_loss": clu_tot / nb,
                 "inertia": km.inertia,
-                # permutation-invariant: K-means restarts renumber clusters
+                # permutation-invariant: K-means restarts renumber clusters (this rank's cells)
                 "label_change": 1.0
                 - float(adjusted_rand_score(prev_labels.cpu().numpy(), lab_all.cpu().numpy())),
                 "cluster_active": bool(use_cluster),
@@ -223,20 +279,20 @@ def train(
             prev_labels = lab_all.clone()
             history.append(rec)
             if on_round is not None:
-                on_round(rec)
+                on_round(rec, snapshot(epoch))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{tot / max(nb, 1):.3f}")
+            bar.set_postfix(loss=f"{tot / nb:.3f}")
     if bar is not None:
         bar.close()
 
     h = space(embed(model, xt))
     if cfg.cluster.final == "kmeans":
-        final = kmeans(
-            h, n_clusters, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed
-        )
+        final = cluster(h)
         labels, cents = final.labels, final.centroids
     elif cfg.cluster.final == "ward":
+        if comm.world > 1:
+            raise ValueError("cluster.final='ward' needs all cells in one process")
         labels = ward_labels(h, n_clusters, seed=cfg.seed)
         cents = torch.stack([h[labels == c].mean(0) for c in range(n_clusters)])
     else:
@@ -253,9 +309,18 @@ def train(
     )
 
 
-def _progress(total: int, enabled: bool):
+def _pca_block(pcs: np.ndarray, weight: float, comm: Comm) -> torch.Tensor:
+    """PCA scores centred and scaled to root-mean-square norm ``weight`` over all cells."""
+    p = torch.from_numpy(np.ascontiguousarray(pcs, dtype=np.float64))
+    n = comm.sum(torch.tensor(float(p.shape[0]), dtype=torch.float64))
+    p = p - comm.sum(p.sum(0)) / n
+    rms = (comm.sum(p.pow(2).sum()) / n).sqrt()
+    return (p * (weight / rms)).to(torch.float32)
+
+
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="CICL training", unit="epoch", leave=False)
+    return tqdm(total=total, initial=initial, desc="CICL training", unit="epoch", leave=False)

@@ -1,0 +1,94 @@
+"""Collective operations the training step and K-means need, as one small interface.
+
+``Comm()`` is the single-process identity; ``TorchDistComm`` uses an initialised
+``torch.distributed`` process group (gloo on CPU, NCCL on GPU) — the one Ray Train sets up, or
+one from ``torchrun``. The maths code only ever talks to this interface, so the same training
+step runs in one process, inside Ray workers and on a GPU box without Ray.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Comm:
+    """Identity collectives for one process (rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a new tensor; the input is not modified)."""
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of all ranks along dim 0, rank order, no gradient."""
+        return t
+
+    def gather_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """As ``gather`` but gradients flow back to every rank's slice."""
+        return t
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        return None
+
+
+class TorchDistComm(Comm):
+    """Collectives over the default ``torch.distributed`` process group."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        out = t.clone()
+        self._dist.all_reduce(out, op=op)
+        return out
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, self._dist.ReduceOp.SUM)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, self._dist.ReduceOp.MAX)
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, self._dist.ReduceOp.MIN)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self._dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def gather_grad(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t.contiguous()))
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        out = t.clone().contiguous()
+        self._dist.broadcast(out, src=src)
+        return out
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+
+def default_comm() -> Comm:
+    """The distributed comm when a process group is up, else the identity."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchDistComm()
+    return Comm()

@@ -1,0 +1,162 @@
+"""The pure-torch distributed pieces on a real 2-process gloo group (no Ray): K-means across
+shards equals one process, gathered projections carry gradients, the training step runs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd
+from cicl.comm import Comm, TorchDistComm
+
+
+def _blobs(n: int = 601, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(6, 5, generator=g) * 6
+    lab = torch.randint(6, (n,), generator=g)
+    return centers[lab] + torch.randn(n, 5, generator=g)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, fn_name: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        globals()[fn_name](TorchDistComm(), out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn_name: str, world: int = 2) -> str:
+    out_dir = tempfile.mkdtemp()
+    init_file = os.path.join(out_dir, "pg")
+    mp.spawn(_worker, args=(world, init_file, out_dir, fn_name), nprocs=world, join=True)
+    return out_dir
+
+
+def _split(x: torch.Tensor, rank: int) -> torch.Tensor:
+    cut = 250  # unequal shards on purpose
+    return x[:cut] if rank == 0 else x[cut:]
+
+
+def _kmeans_shards(comm: TorchDistComm, out: str) -> None:
+    x = _blobs()
+    xs = _split(x, comm.rank)
+    init = kmeans_pp(xs, 6, torch.Generator().manual_seed(3), comm)
+    res = lloyd(xs, init, comm=comm)
+    best = kmeans(xs, 6, n_init=3, seed=5, comm=comm)
+    torch.save(
+        {
+            "init": init,
+            "cents": res.centroids,
+            "labels": res.labels,
+            "inertia": res.inertia,
+            "best": best.centroids,
+        },
+        os.path.join(out, f"r{comm.rank}.pt"),
+    )
+
+
+def test_distributed_kmeans_equals_single_process():
+    out = _spawn("_kmeans_shards")
+    r0, r1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
+    x = _blobs()
+    init = kmeans_pp(x, 6, torch.Generator().manual_seed(3))
+    single = lloyd(x, init)
+    # k-means++ picks the same points on every rank as in one process
+    assert torch.equal(r0["init"], init) and torch.equal(r1["init"], init)
+    # Lloyd via all-reduce: the single-process centroids, identical on both ranks
+    assert torch.allclose(r0["cents"], single.centroids, atol=1e-5)
+    assert torch.equal(r0["cents"], r1["cents"])
+    assert torch.equal(torch.cat([r0["labels"], r1["labels"]]), single.labels)
+    assert abs(r0["inertia"] - single.inertia) < 1e-6 * single.inertia
+
+    # best of restarts: the same solution (restarts tied in inertia may order centres apart)
+    def rows(c: torch.Tensor) -> torch.Tensor:
+        return c[torch.argsort(c[:, 0])]
+
+    ref = kmeans(x, 6, n_init=3, seed=5).centroids
+    assert torch.allclose(rows(r0["best"]), rows(ref), atol=1e-5)
+    assert torch.equal(r0["best"], r1["best"])
+
+
+def _empty_refill(comm: TorchDistComm, out: str) -> None:
+    x = torch.cat([torch.zeros(50, 2), torch.ones(50, 2) * 5, torch.tensor([[20.0, 20.0]])])
+    init = torch.tensor([[0.0, 0.0], [5.0, 5.0], [100.0, 100.0]])  # third starts empty
+    xs = x[:60] if comm.rank == 0 else x[60:]  # the far point lives on rank 1
+    res = lloyd(xs, init, comm=comm)
+    torch.save(res.centroids, os.path.join(out, f"r{comm.rank}.pt"))
+
+
+def test_distributed_empty_cluster_refill_agrees_across_ranks():
+    out = _spawn("_empty_refill")
+    c0, c1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
+    assert torch.equal(c0, c1)
+    assert torch.allclose(c0[2], torch.tensor([20.0, 20.0]))
+
+
+def _gather_grad(comm: TorchDistComm, out: str) -> None:
+    z = torch.full((2, 3), float(comm.rank + 1), requires_grad=True)
+    g = comm.gather_grad(z)
+    (g * torch.arange(4.0)[:, None]).sum().backward()  # every rank: same global loss
+    torch.save(z.grad, os.path.join(out, f"r{comm.rank}.pt"))
+
+
+def test_gather_grad_sends_gradients_back_to_the_owner():
+    out = _spawn("_gather_grad")
+    g0, g1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
+    # rows 0,1 belong to rank 0, rows 2,3 to rank 1; both ranks' losses add up (x world)
+    assert torch.allclose(g0, 2 * torch.tensor([[0.0] * 3, [1.0] * 3]))
+    assert torch.allclose(g1, 2 * torch.tensor([[2.0] * 3, [3.0] * 3]))
+
+
+def test_identity_comm():
+    c = Comm()
+    t = torch.arange(3.0)
+    assert c.rank == 0 and c.world == 1
+    assert torch.equal(c.sum(t), t) and torch.equal(c.gather(t), t)
+
+
+def _train_two_ranks(comm: TorchDistComm, out: str) -> None:
+    from cicl.config import CICLConfig
+    from cicl.train.loop import train
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 3, (3, 40))
+    lab = np.repeat(np.arange(3), 60)
+    x = (centers[lab] + rng.normal(0, 1, (180, 40))).astype(np.float32)
+    pcs = np.linalg.svd(x - x.mean(0), full_matrices=False)[0][:, :5] * 10
+    cfg = CICLConfig().with_overrides(
+        {
+            "model.encoder": "mlp",
+            "model.embed_dim": 8,
+            "train.epochs": 4,
+            "train.batch_size": 60,
+            "cluster.recluster_every": 2,
+            "cluster.n_init": 2,
+        }
+    )
+    sl = slice(0, 90) if comm.rank == 0 else slice(90, 180)
+    rounds: list[dict] = []
+    res = train(x[sl], pcs[sl], 3, cfg, comm=comm, on_round=lambda r, ck: rounds.append(ck))
+    w = next(iter(rounds[-1]["model"].values()))
+    torch.save(
+        {"labels": res.labels, "w": w, "steps": res.steps, "rng": rounds[-1]["rng_aug"]},
+        os.path.join(out, f"r{comm.rank}.pt"),
+    )
+
+
+def test_two_rank_training_keeps_models_in_sync():
+    out = _spawn("_train_two_ranks")
+    r0, r1 = (torch.load(os.path.join(out, f"r{r}.pt"), weights_only=False) for r in (0, 1))
+    assert torch.equal(r0["w"], r1["w"])  # DDP: identical weights after training
+    assert r0["steps"] == r1["steps"] == 4 * 3  # 180 cells / global batch 60, 4 epochs
+    assert r0["rng"].shape[0] == 2  # every rank's augmentation RNG is checkpointed
+    from sklearn.metrics import adjusted_rand_score
+
+    labels = np.concatenate([r0["labels"], r1["labels"]])
+    assert adjusted_rand_score(np.repeat(np.arange(3), 60), labels) > 0.9
