@@ -72,9 +72,7 @@ class TorchDistComm(Comm):
         return torch.cat(parts)
 
     def gather_grad(self, t: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(t.contiguous()))
+        return _GatherGrad.apply(t.contiguous(), self)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         out = t.clone().contiguous()
@@ -92,3 +90,19 @@ def default_comm() -> Comm:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return TorchDistComm()
     return Comm()
+
+
+class _GatherGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient of the gathered tensor and hands
+    each rank its own slice (as a global loss computed on every rank requires)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, comm: TorchDistComm) -> torch.Tensor:
+        ctx.comm, ctx.n = comm, t.shape[0]
+        return comm.gather(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = ctx.comm.sum(grad.contiguous())
+        start = ctx.comm.rank * ctx.n
+        return total[start : start + ctx.n], None
