@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _add_ray_args(f)
 
+    s = sub.add_parser(
+        "simulate", help="write a synthetic atlas (per-cluster negative binomial) like a real one"
+    )
+    s.add_argument("--like", required=True, help="real .h5ad to fit (counts or log values)")
+    s.add_argument("--cells", required=True, help="number of cells to generate")
+    s.add_argument("--out", "-o", required=True, help="output .h5ad (CSR counts)")
+    s.add_argument("--label-key", default="cell_type", help="obs column with the clusters")
+    s.add_argument("--genes", type=int, default=2000, help="keep the N most variable genes")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     c = sub.add_parser("config", help="show or validate configurations")
     c.add_argument("action", choices=["show", "validate"])
     c.add_argument("file", nargs="?", default=None)
@@ -228,6 +240,30 @@ def _summary(adata, key: str, r: dict[str, Any]) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cicl.data.io import check_output
+    from cicl.data.simulate import simulate
+
+    n = _positive_int("--cells", args.cells)
+    if not Path(args.like).is_file():
+        raise CICLError(f"--like '{args.like}' does not exist.")
+    out = check_output(args.like, args.out, args.force)
+    t0 = time.perf_counter()
+    simulate(
+        args.like,
+        n,
+        out,
+        label_key=args.label_key,
+        n_genes=args.genes,
+        seed=args.seed,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    print(
+        f"wrote {out}: {n} cells, obs['cell_type'] = true cluster ({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     overrides = {"preset": args.preset} if args.preset else {}
     cfg = load_config(args.file, overrides)
@@ -243,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fit":
             return cmd_fit(args)
+        if args.command == "simulate":
+            return cmd_simulate(args)
         return cmd_config(args)
     except (CICLError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
