@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -133,3 +134,68 @@ def score(labels: np.ndarray, truth: pd.Series) -> dict[str, float]:
         "ari": float(adjusted_rand_score(truth, labels)),
         "nmi": float(normalized_mutual_info_score(truth, labels)),
     }
+
+
+def fit_h5ad_stream(
+    path: str | Path,
+    out: str | Path,
+    n_clusters: int | None = None,
+    *,
+    config: CICLConfig | None = None,
+    ray_options: RayOptions | None = None,
+    key_added: str = DEFAULT_KEY,
+    n_sample: int = 20_000,
+    progress: bool = True,
+) -> dict:
+    """Cluster an ``.h5ad`` atlas without loading it: preprocessing is fitted on a random
+    sample, training and K-means stream blocks from the file (over Ray Train workers with
+    ``ray_options``, else in this process), and ``out`` is the input file plus
+    ``obs[key_added]``, ``obsm["X_" + key_added]`` and ``uns[key_added]``. Returns uns."""
+    from cicl.data.io import annotate_h5ad_copy
+    from cicl.data.stream import H5adSource, fit_on_sample
+    from cicl.distributed import StreamSetup, fit_ray_stream, model_init
+    from cicl.train.stream import train_stream
+
+    cfg = config or CICLConfig()
+    if n_clusters is not None:
+        cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
+    t0 = time.perf_counter()
+    transform, prep, n, _ = fit_on_sample(path, cfg.preprocess, n_sample, seed=cfg.seed)
+    if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > n:
+        raise InputError(f"--n-clusters {cfg.cluster.n_clusters} exceeds the {n} cells.")
+    k, source = _choose_k(cfg, prep.pcs)
+    if cfg.cluster.n_clusters is None:
+        source += f" of a {prep.x.shape[0]}-cell sample"
+    groups, pca_init = model_init(prep.x, prep.pcs, cfg)
+    mean = prep.pcs.mean(0)
+    rms = float(np.sqrt(((prep.pcs - mean) ** 2).sum(1).mean()))
+    setup = StreamSetup(
+        str(Path(path).resolve()), transform, n, prep.x.shape[1], groups, pca_init, (mean, rms)
+    )
+    if ray_options is not None:
+        res = fit_ray_stream(setup, k, cfg, ray_options, progress=progress)
+    else:
+        src = H5adSource(setup.path, 0, n, transform)
+        res = train_stream(
+            src,
+            k,
+            cfg,
+            groups=groups,
+            pca_init=pca_init,
+            pca_stats=(mean, rms),
+            n_genes=prep.x.shape[1],
+            progress=progress,
+        )
+        src.close()
+    info = dict(prep.info, n_cells=int(n))
+    holder = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(res.labels))]))
+    workers = ray_options.workers if ray_options is not None else 1
+    write_result(holder, res, cfg, info, k, source, key_added, time.perf_counter() - t0, workers)
+    annotate_h5ad_copy(
+        path,
+        out,
+        obs={key_added: holder.obs[key_added].values},
+        obsm={embedding_key(key_added): holder.obsm[embedding_key(key_added)]},
+        uns={key_added: holder.uns[key_added]},
+    )
+    return holder.uns[key_added]

@@ -15,6 +15,26 @@ import yaml
 from cicl.config import PRESETS, ConfigError, load_config
 from cicl.errors import CICLError
 
+STREAM_MIN_CELLS = 200_000
+
+
+def _wants_stream(args: argparse.Namespace) -> bool:
+    p = Path(args.input)
+    if p.suffix.lower() != ".h5ad" or not p.is_file():
+        if args.stream:
+            raise CICLError("--stream reads .h5ad files only; convert the input first.")
+        return False
+    if args.stream:
+        return True
+    import h5py
+
+    try:
+        with h5py.File(p, "r") as f:
+            shape = f["X"].attrs.get("shape", getattr(f["X"], "shape", (0,)))
+        return int(shape[0]) > STREAM_MIN_CELLS
+    except Exception:  # noqa: BLE001 - unreadable files get their error from the reader
+        return False
+
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -130,6 +150,12 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         help="name of the Ray run; re-running with the same name resumes from its checkpoint",
     )
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts")
+    g.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the .h5ad block by block instead of loading it (atlases larger than "
+        f"memory; automatic above {STREAM_MIN_CELLS:,} cells)",
+    )
 
 
 def _ray_options(args: argparse.Namespace):
@@ -175,6 +201,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         raise CICLError(f"Folder for --plot '{args.plot}' does not exist. Create it first.")
     t0 = time.perf_counter()
+    if _wants_stream(args):
+        return _fit_stream(args, cfg, k, ray_opts, out, t0)
     adata = read_input(args.input)
     if args.label_key is not None:
         if args.label_key not in adata.obs:
@@ -216,14 +244,61 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
-    _summary(adata, args.key_added, result)
+    _summary(adata.obs, args.key_added, result)
     if args.json:
         print(json.dumps(result))
     return 0
 
 
-def _summary(adata, key: str, r: dict[str, Any]) -> None:
-    sizes = adata.obs[key].value_counts().sort_index()
+def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float) -> int:
+    """``cicl fit --stream``: the atlas is never loaded; the output is a copy of the input
+    file with the results added."""
+    import anndata as ad
+
+    from cicl.api import fit_h5ad_stream, score
+
+    if args.layer is not None:
+        raise CICLError("--layer is not supported with --stream; put the counts in X.")
+    if args.plot:
+        raise CICLError("--plot is not supported with --stream (an atlas UMAP is too slow).")
+    obs = ad.read_h5ad(args.input, backed="r").obs
+    if args.label_key is not None and args.label_key not in obs:
+        raise CICLError(f"--label-key '{args.label_key}' is not an obs column.")
+    info = fit_h5ad_stream(
+        args.input,
+        out,
+        k,
+        config=cfg,
+        ray_options=ray_opts,
+        key_added=args.key_added,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    result: dict[str, Any] = {
+        "n_cells": int(info["preprocess"]["n_cells"]),
+        "n_genes": int(info["preprocess"]["n_genes_input"]),
+        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
+        "values": info["preprocess"]["values"],
+        "n_clusters": int(info["n_clusters"]),
+        "n_clusters_source": info["n_clusters_source"],
+        "epochs": int(info["epochs"]),
+        "steps": int(info["steps"]),
+        "workers": int(info["workers"]),
+        "streamed": True,
+    }
+    res = ad.read_h5ad(out, backed="r")
+    if args.label_key is not None:
+        result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["output"] = str(out)
+    _summary(res.obs, args.key_added, result)
+    res.file.close()
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _summary(obs, key: str, r: dict[str, Any]) -> None:
+    sizes = obs[key].value_counts().sort_index()
     lines = [
         f"CICL: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}; "
         f"{r['n_genes_used']} genes used)",

@@ -110,6 +110,7 @@ class ClusterConfig:
     pca_weight: float = 2.0  # hybrid: weight of the PCA block relative to the embedding block
     alpha: float = 1.0  # Student's t degrees of freedom
     n_init: int = 10  # k-means++ restarts, best inertia kept
+    kmeans_sample: int = 50_000  # streaming: K-means fitted on this many cells, all assigned
     max_iter: int = 100
     pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
     final: Literal["kmeans", "ward", "head"] = "kmeans"  # final labels: K-means / Ward on the
@@ -135,8 +136,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     device: str = "auto"  # "auto" picks cuda when available
+    # streaming (atlases read from disk): cells read per block; mixing neighbours come from it
+    block_size: int = 4096
 
     def __post_init__(self) -> None:
+        _check(self.block_size >= 64, "train.block_size must be >= 64")
         _check(self.epochs is None or self.epochs >= 1, "train.epochs must be >= 1")
         _check(self.batch_size >= 4, "train.batch_size must be >= 4")
         _check(self.lr > 0, "train.lr must be > 0")

@@ -45,6 +45,32 @@ class RayOptions:
     fail_at_epoch: int | None = None  # test hook: kill rank 1 once after this epoch's report
 
 
+def model_init(
+    x: np.ndarray, pcs: np.ndarray, cfg: CICLConfig
+) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    """Gene modules and PCA-initialised skip, computed once so every rank builds one model."""
+    from cicl.model.modules import balanced_gene_groups, pca_projection
+    from cicl.train.loop import gene_loadings
+
+    groups = pca_init = None
+    if cfg.model.encoder == "transformer":
+        groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
+    if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual:
+        pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
+    return groups, pca_init
+
+
+def _prepare_run(opts: RayOptions) -> tuple[Path, str, Path]:
+    ensure_ray(opts.address)
+    storage = Path(opts.storage or "runs/ray").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    name = opts.name or f"cicl-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    out_dir = storage / name / "shards"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    return storage, name, out_dir
+
+
 def shard_indices(n: int, world: int, seed: int) -> list[np.ndarray]:
     """A seeded permutation of the cells cut into ``world`` near-equal contiguous blocks."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -79,28 +105,36 @@ def fit_ray(
 ) -> TrainResult:
     """Train with ``opts.workers`` Ray Train workers; returns the stitched result."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cicl.model.modules import balanced_gene_groups, pca_projection
-    from cicl.train.loop import gene_loadings
 
     t0 = time.perf_counter()
-    ensure_ray(opts.address)
-    storage = Path(opts.storage or "runs/ray").resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    name = opts.name or f"cicl-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    out_dir = storage / name / "shards"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-
-    groups = pca_init = None
-    if cfg.model.encoder == "transformer":
-        groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
-    if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual:
-        pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
+    storage, name, out_dir = _prepare_run(opts)
+    groups, pca_init = model_init(x, pcs, cfg)
     parts = shard_indices(x.shape[0], opts.workers, cfg.seed)
     shards = [ray.put((x[p], pcs[p], p)) for p in parts]
+
+    loop_config = {
+        "cfg": cfg,
+        "k": n_clusters,
+        "shards": shards,
+        "groups": groups,
+        "pca_init": pca_init,
+    }
+    _run_trainer(_worker_loop, loop_config, opts, storage, name, out_dir)
+    res = _collect(out_dir, parts, x.shape[0])
+    res.seconds = time.perf_counter() - t0
+    if progress:
+        print(f"Ray Train: {opts.workers} workers, run '{name}' under {storage}")
+    return res
+
+
+def _run_trainer(
+    fn, loop_config: dict, opts: RayOptions, storage: Path, name: str, out_dir: Path
+) -> None:
+    """Build and fit the TorchTrainer: fractional CPUs where the cluster is small, GPUs when
+    asked (NCCL then), checkpoints kept per round, lost workers restarted from the last one."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     total_cpu = float(ray.cluster_resources().get("CPU", 1.0))
     cpus = opts.cpus_per_worker or max(0.25, min(1.0, total_cpu / opts.workers))
@@ -109,18 +143,14 @@ def fit_ray(
         resources["GPU"] = opts.gpus_per_worker
     local_threads = max(1, (os.cpu_count() or 1) // opts.workers)
     loop_config = {
-        "cfg": cfg,
-        "k": n_clusters,
-        "shards": shards,
-        "groups": groups,
-        "pca_init": pca_init,
+        **loop_config,
         "out_dir": str(out_dir),
         "threads": max(1, int(cpus)) if opts.address else local_threads,
         "fail_at_epoch": opts.fail_at_epoch,
         "marker": str(storage / name / "failed_once"),
     }
     trainer = TorchTrainer(
-        _worker_loop,
+        fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=opts.workers,
@@ -135,11 +165,6 @@ def fit_ray(
         ),
     )
     trainer.fit()
-    res = _collect(out_dir, parts, x.shape[0])
-    res.seconds = time.perf_counter() - t0
-    if progress:
-        print(f"Ray Train: {opts.workers} workers, run '{name}' under {storage}")
-    return res
 
 
 def _collect(out_dir: Path, parts: list[np.ndarray], n: int) -> TrainResult:
@@ -166,30 +191,31 @@ def _collect(out_dir: Path, parts: list[np.ndarray], n: int) -> TrainResult:
     )
 
 
-def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: fetch the own shard, restore, train, write results."""
-    import ray
+def _worker_setup(config: dict[str, Any]) -> tuple[int, CICLConfig, dict | None]:
+    """Threads, rank, device and the checkpoint to resume from (if Ray restarted us)."""
     import ray.train
     import torch
-    from ray.train import Checkpoint
-
-    from cicl.comm import default_comm
-    from cicl.train.loop import train
 
     torch.set_num_threads(config["threads"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     cfg: CICLConfig = config["cfg"]
     if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
         import ray.train.torch
 
         cfg = cfg.with_overrides({"train.device": str(ray.train.torch.get_device())})
-    x, pcs, idx = ray.get(config["shards"][rank])
     restore = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             restore = torch.load(Path(d) / STATE_FILE, weights_only=True)
+    return rank, cfg, restore
+
+
+def _reporter(rank: int, config: dict[str, Any]):
+    """``on_round``: every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
 
     def on_round(rec: dict, state: dict) -> None:
         metrics = {k: float(v) for k, v in rec.items()}
@@ -210,6 +236,20 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 marker.write_text("killed")
                 os._exit(1)
 
+    return on_round
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: fetch the own shard, restore, train, write results."""
+    import ray
+
+    from cicl.comm import default_comm
+    from cicl.train.loop import train
+
+    rank, cfg, restore = _worker_setup(config)
+    x, pcs, idx = ray.get(config["shards"][rank])
+
+    on_round = _reporter(rank, config)
     res = train(
         x,
         pcs,
@@ -227,12 +267,113 @@ def _worker_loop(config: dict[str, Any]) -> None:
     os.replace(tmp, out / f"rank{rank}.npz")
     (out / f"node_rank{rank}.txt").write_text(ray.get_runtime_context().get_node_id())
     if rank == 0:
-        meta = {
-            "centroids": res.centroids.tolist(),
-            "history": res.history,
-            "epochs": res.epochs,
-            "steps": res.steps,
-        }
-        tmpj = out / ".meta.tmp"
-        tmpj.write_text(json.dumps(meta))
-        os.replace(tmpj, out / "meta.json")
+        _write_meta(out, res)
+
+
+def _write_meta(out: Path, res: TrainResult) -> None:
+    meta = {
+        "centroids": res.centroids.tolist(),
+        "history": res.history,
+        "epochs": res.epochs,
+        "steps": res.steps,
+    }
+    tmp = out / ".meta.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, out / "meta.json")
+
+
+@dataclass
+class StreamSetup:
+    """What the driver fits on a sample and hands every rank (small: no cells)."""
+
+    path: str
+    transform: Any  # cicl.data.stream.BlockTransform
+    n_cells: int
+    n_genes_used: int
+    groups: np.ndarray | None
+    pca_init: tuple[np.ndarray, np.ndarray] | None
+    pca_stats: tuple[np.ndarray, float]
+
+
+def fit_ray_stream(
+    setup: StreamSetup, n_clusters: int, cfg: CICLConfig, opts: RayOptions, *, progress: bool
+) -> TrainResult:
+    """Streaming training over Ray Train workers, each reading its own row range of the file;
+    returns labels and embedding of every cell in file order."""
+    t0 = time.perf_counter()
+    storage, name, out_dir = _prepare_run(opts)
+    loop_config = {"cfg": cfg, "k": n_clusters, "setup": setup}
+    _run_trainer(_stream_worker_loop, loop_config, opts, storage, name, out_dir)
+    from cicl.data.stream import row_ranges
+
+    labels = np.empty(setup.n_cells, dtype=np.int64)
+    emb: np.ndarray | None = None
+    for r, (a, b) in enumerate(row_ranges(setup.n_cells, opts.workers)):
+        lab = np.load(out_dir / f"rank{r}_labels.npy", mmap_mode="r")
+        e = np.load(out_dir / f"rank{r}_embedding.npy", mmap_mode="r")
+        if emb is None:
+            emb = np.empty((setup.n_cells, e.shape[1]), dtype=np.float32)
+        labels[a:b], emb[a:b] = lab, e
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert emb is not None
+    if progress:
+        print(f"Ray Train (streaming): {opts.workers} workers, run '{name}' under {storage}")
+    return TrainResult(
+        embedding=emb,
+        labels=labels,
+        centroids=np.asarray(meta["centroids"], dtype=np.float32),
+        history=meta["history"],
+        epochs=meta["epochs"],
+        steps=meta["steps"],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _stream_worker_loop(config: dict[str, Any]) -> None:
+    """Every worker streams rows [start, stop) of the file; results go to .npy files in
+    blocks, so neither input nor output is ever held whole."""
+    import ray
+
+    from cicl.comm import default_comm
+    from cicl.data.stream import H5adSource, row_ranges
+    from cicl.train.stream import train_stream
+
+    rank, cfg, restore = _worker_setup(config)
+    setup: StreamSetup = config["setup"]
+    comm = default_comm()
+    a, b = row_ranges(setup.n_cells, comm.world)[rank]
+    src = H5adSource(setup.path, a, b, setup.transform)
+    out = Path(config["out_dir"])
+    lab_tmp, emb_tmp = out / f".rank{rank}_labels.npy", out / f".rank{rank}_embedding.npy"
+    dim = setup.n_genes_used  # placeholder until the first block tells the embedding width
+    files: dict[str, np.ndarray] = {}
+
+    def on_block(idx: np.ndarray, lab: np.ndarray, h: np.ndarray) -> None:
+        if not files:
+            files["lab"] = np.lib.format.open_memmap(lab_tmp, "w+", np.int64, (src.n,))
+            files["emb"] = np.lib.format.open_memmap(emb_tmp, "w+", np.float32, (src.n, h.shape[1]))
+        files["lab"][idx] = lab
+        files["emb"][idx] = h
+
+    res = train_stream(
+        src,
+        config["k"],
+        cfg,
+        comm=comm,
+        groups=setup.groups,
+        pca_init=setup.pca_init,
+        pca_stats=setup.pca_stats,
+        n_genes=dim,
+        on_round=_reporter(rank, config),
+        on_block=on_block,
+        restore=restore,
+    )
+    src.close()
+    for f in files.values():
+        f.flush()
+    files.clear()
+    os.replace(lab_tmp, out / f"rank{rank}_labels.npy")
+    os.replace(emb_tmp, out / f"rank{rank}_embedding.npy")
+    (out / f"node_rank{rank}.txt").write_text(ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        _write_meta(out, res)

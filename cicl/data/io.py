@@ -112,3 +112,36 @@ def check_output(inp: str | Path, out: str | Path, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise InputError(f"Output folder '{parent}' is not writable.")
     return o
+
+
+def annotate_h5ad_copy(
+    src: str | Path, out: str | Path, obs: dict, obsm: dict, uns: dict[str, dict]
+) -> None:
+    """Write ``out`` = the ``src`` file plus new obs columns, obsm arrays and uns entries,
+    without loading X (for atlases): copy to a temporary name, edit in place, rename."""
+    import shutil
+
+    import h5py
+
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "a") as f:
+            frame = ad.io.read_elem(f["obs"])
+            for k, v in obs.items():
+                frame[k] = v
+            del f["obs"]
+            ad.io.write_elem(f, "obs", frame)
+            for group, items in (("obsm", obsm), ("uns", uns)):
+                if group not in f:
+                    ad.io.write_elem(f, group, {})
+                for k, v in items.items():
+                    if k in f[group]:
+                        del f[group][k]
+                    ad.io.write_elem(f[group], k, v)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -28,6 +28,11 @@ class Prepared:
     genes: np.ndarray  # names of the genes used
     cell_mask: np.ndarray  # bool (n_cells_in,), cells kept
     info: dict
+    # the fitted transform, to apply the same preprocessing to other cells chunk by chunk
+    scale_mean: np.ndarray | None = None  # (n_genes_used,) or None when not scaled here
+    scale_sd: np.ndarray | None = None
+    pca_mean: np.ndarray | None = None  # (n_genes_used,)
+    pca_components: np.ndarray | None = None  # (n_genes_used, n_pcs), signs fixed
 
 
 def _values(X) -> np.ndarray:
@@ -102,13 +107,14 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         steps.append(f"kept all {work.n_vars} genes (<= n_top_genes={cfg.n_top_genes})")
 
     x = work.X.toarray().astype(np.float32)
+    mu = sd = None
     if cfg.scale and kind != "scaled":
         mu, sd = x.mean(0), x.std(0)
         sd[sd == 0] = 1.0
         x = np.clip((x - mu) / sd, -cfg.max_value, cfg.max_value).astype(np.float32)
         steps.append(f"scale(max_value={cfg.max_value})")
     n_pcs = int(min(cfg.n_pcs, x.shape[0] - 1, x.shape[1] - 1))
-    pcs = _pca(x, n_pcs)
+    pcs, comps = _pca(x, n_pcs)
     steps.append(f"pca(n_comps={n_pcs})")
     info = {
         "values": kind,
@@ -118,20 +124,31 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         "n_genes_used": int(x.shape[1]),
         "n_pcs": n_pcs,
     }
-    return Prepared(x=x, pcs=pcs, genes=np.asarray(work.var_names), cell_mask=cell_mask, info=info)
+    return Prepared(
+        x=x,
+        pcs=pcs,
+        genes=np.asarray(work.var_names),
+        cell_mask=cell_mask,
+        info=info,
+        scale_mean=mu,
+        scale_sd=sd,
+        pca_mean=x.mean(0),
+        pca_components=comps,
+    )
 
 
-def _pca(x: np.ndarray, n: int) -> np.ndarray:
-    """Exact PCA through the SVD of the centred matrix (deterministic, no arpack seed)."""
+def _pca(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact PCA through the SVD of the centred matrix (deterministic, no arpack seed).
+    Returns the scores and the (genes, n) loadings that map centred x to them."""
     xc = x - x.mean(0, keepdims=True)
     if min(xc.shape) <= 3000:
-        u, s, _ = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
+        u, s, vt = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
     else:  # pragma: no cover - large gene counts
         from sklearn.utils.extmath import randomized_svd
 
-        u, s, _ = randomized_svd(xc, n, random_state=0)
-    u, s = u[:, :n], s[:n]
+        u, s, vt = randomized_svd(xc, n, random_state=0)
+    u, s, vt = u[:, :n], s[:n], vt[:n]
     # sign convention: largest |u| entry positive, so results do not depend on LAPACK
     signs = np.sign(u[np.abs(u).argmax(0), np.arange(n)])
     signs[signs == 0] = 1
-    return (u * s * signs).astype(np.float32)
+    return (u * s * signs).astype(np.float32), (vt.T * signs).astype(np.float32)

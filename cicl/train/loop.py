@@ -121,16 +121,7 @@ def train(
         groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
     if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual and pca_init is None:
         pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
-    model = CICLModel(x.shape[1], cfg.model, groups, pca_init).to(device)
-    net: torch.nn.Module = model
-    if comm.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    model, net, opt = build_model(x.shape[1], cfg, groups, pca_init, device, comm)
     nbr = torch.from_numpy(knn_indices(pcs, cfg.augment.n_neighbors)).to(device)
 
     bs = min(cfg.train.batch_size, n)
@@ -140,10 +131,6 @@ def train(
     b_local = max(1, bs // comm.world)  # the global batch is split evenly over ranks
     steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
-    inst_fn = INSTANCE_LOSSES[cfg.loss.instance_loss]
-    clu_fn = CLUSTER_LOSSES[cfg.loss.cluster_loss]
-    tau = cfg.loss.temperature
-    kern = cfg.loss.kernel
 
     def nbr_rows(idx: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(nbr.shape[1], (idx.shape[0],), generator=gen).to(device)
@@ -192,36 +179,13 @@ def train(
                 res = warm
         return res
 
-    def snapshot(epoch: int) -> dict:
-        return {
-            "epoch": epoch,
-            "steps": steps,
-            "world": comm.world,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "centroids": km.centroids.cpu(),
-            "inertia": km.inertia,
-            "history": list(history),
-            "rng_aug": comm.gather(gen.get_state()[None]),
-            "rng_torch": comm.gather(torch.get_rng_state()[None]),
-        }
-
     history: list[dict] = []
     steps = 0
     start_epoch = 1
     if restore is None:
         km = recluster(None)
     else:
-        model.load_state_dict(restore["model"])
-        opt.load_state_dict(restore["optimizer"])
-        cents = restore["centroids"].to(device)
-        km = KMeansResult(cents, torch.empty(0, dtype=torch.long), float(restore["inertia"]), 0)
-        history = list(restore["history"])
-        steps = int(restore["steps"])
-        start_epoch = int(restore["epoch"]) + 1
-        if int(restore["world"]) == comm.world:  # else: fresh augmentation streams
-            gen.set_state(restore["rng_aug"][rank].clone())
-            torch.set_rng_state(restore["rng_torch"][rank].clone())
+        km, history, steps, start_epoch = load_state(restore, model, opt, gen, comm, device)
     conf_all, lab_all = pseudo_labels(km)
     prev_labels = lab_all.clone()
     bar = _progress(epochs, progress and rank == 0, initial=start_epoch - 1)
@@ -238,22 +202,12 @@ def train(
                 xb = xt[idx]
                 v1 = augment(xb, nbr_rows(idx), cfg.augment, gen)
                 v2 = augment(xb, nbr_rows(idx), cfg.augment, gen)
-            _, z = net(torch.cat([v1, v2]))
-            z1, z2 = comm.gather_grad(z[: len(idx)]), comm.gather_grad(z[len(idx) :])
-            loss_i = inst_fn(z1, z2, tau, kern)
-            loss = loss_i
-            loss_c = torch.zeros(())
-            if use_cluster:
-                valid = comm.gather(conf_all[idx] >= cfg.loss.confidence)
-                loss_c = clu_fn(z1, z2, comm.gather(lab_all[idx]), tau, valid, kern)
-                loss = loss + cfg.loss.lam * loss_c
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            lab = (lab_all[idx], conf_all[idx]) if use_cluster else None
+            li, lc = contrastive_step(net, opt, v1, v2, lab, cfg, comm)
             steps += 1
-            tot += loss.item()
-            inst_tot += loss_i.item()
-            clu_tot += loss_c.item()
+            tot += li + cfg.loss.lam * lc
+            inst_tot += li
+            clu_tot += lc
         nb = max(steps_per_epoch, 1)
         every = cfg.cluster.recluster_every
         if every is None and use_cluster:
@@ -279,7 +233,7 @@ def train(
             prev_labels = lab_all.clone()
             history.append(rec)
             if on_round is not None:
-                on_round(rec, snapshot(epoch))
+                on_round(rec, make_state(epoch, steps, model, opt, km, history, gen, comm))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{tot / nb:.3f}")
@@ -307,6 +261,108 @@ def train(
         steps=steps,
         seconds=time.perf_counter() - t0,
     )
+
+
+def make_state(
+    epoch: int,
+    steps: int,
+    model: CICLModel,
+    opt: torch.optim.Optimizer,
+    km: KMeansResult,
+    history: list[dict],
+    gen: torch.Generator,
+    comm: Comm,
+) -> dict:
+    """The full training state after a round (collective: gathers every rank's RNG states).
+    Only tensors, numbers, strings and containers: loads with ``torch.load(weights_only=True)``."""
+    return {
+        "epoch": epoch,
+        "steps": steps,
+        "world": comm.world,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "centroids": km.centroids.cpu(),
+        "inertia": km.inertia,
+        "history": list(history),
+        "rng_aug": comm.gather(gen.get_state()[None]),
+        "rng_torch": comm.gather(torch.get_rng_state()[None]),
+    }
+
+
+def load_state(
+    state: dict,
+    model: CICLModel,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    comm: Comm,
+    device: torch.device,
+) -> tuple[KMeansResult, list[dict], int, int]:
+    """Restore ``make_state``'s output; returns (centroids, history, steps, next epoch). RNG
+    streams continue exactly when the world size is unchanged, else they start afresh."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    cents = state["centroids"].to(device)
+    km = KMeansResult(cents, torch.empty(0, dtype=torch.long), float(state["inertia"]), 0)
+    if int(state["world"]) == comm.world:
+        gen.set_state(state["rng_aug"][comm.rank].clone())
+        torch.set_rng_state(state["rng_torch"][comm.rank].clone())
+    return km, list(state["history"]), int(state["steps"]), int(state["epoch"]) + 1
+
+
+def build_model(
+    n_genes: int,
+    cfg: CICLConfig,
+    groups: np.ndarray | None,
+    pca_init: tuple[np.ndarray, np.ndarray] | None,
+    device: torch.device,
+    comm: Comm,
+) -> tuple[CICLModel, torch.nn.Module, torch.optim.Optimizer]:
+    """The model, what to call for training steps (DDP-wrapped across ranks), its optimiser.
+    Seed torch before calling: every rank must start from the same weights."""
+    model = CICLModel(n_genes, cfg.model, groups, pca_init).to(device)
+    net: torch.nn.Module = model
+    if comm.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    return model, net, opt
+
+
+def contrastive_step(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    pseudo: tuple[torch.Tensor, torch.Tensor] | None,
+    cfg: CICLConfig,
+    comm: Comm,
+) -> tuple[float, float]:
+    """One optimiser step on this rank's two views; the loss is over the global batch:
+    projections of all ranks are gathered with gradients, so N ranks optimise what one process
+    would. ``pseudo`` = (labels, confidences) of these cells, or None before warm-up ends.
+    Returns (instance loss, cluster loss)."""
+    b = v1.shape[0]
+    _, z = net(torch.cat([v1, v2]))
+    z1, z2 = comm.gather_grad(z[:b]), comm.gather_grad(z[b:])
+    tau, kern = cfg.loss.temperature, cfg.loss.kernel
+    loss_i = INSTANCE_LOSSES[cfg.loss.instance_loss](z1, z2, tau, kern)
+    loss, lc = loss_i, 0.0
+    if pseudo is not None:
+        labels, conf = pseudo
+        valid = comm.gather(conf >= cfg.loss.confidence)
+        loss_c = CLUSTER_LOSSES[cfg.loss.cluster_loss](
+            z1, z2, comm.gather(labels), tau, valid, kern
+        )
+        loss = loss + cfg.loss.lam * loss_c
+        lc = loss_c.item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss_i.item(), lc
 
 
 def _pca_block(pcs: np.ndarray, weight: float, comm: Comm) -> torch.Tensor:

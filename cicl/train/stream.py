@@ -1,0 +1,243 @@
+"""CICL for atlases that do not fit in memory: the same step, fed block by block from disk.
+
+A ``Source`` hands out (scaled expression, PCA scores) for any sorted set of this rank's cells;
+nothing else about the storage is known here. Per epoch the rank visits its cells in shuffled
+blocks of ``train.block_size``; neighbour mixing uses the nearest neighbours within the block
+(in PCA space), and minibatches are drawn from the block. A reclustering round fits K-means
+(distributed, all ranks) on a fixed random sample of ``cluster.kmeans_sample`` cells, then
+streams every cell through the Student's t head for its pseudo-label. Memory per rank is one
+block, the K-means sample's embedding and one label + confidence per own cell.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
+from cicl.comm import Comm
+from cicl.config import CICLConfig
+from cicl.model.augment import augment
+from cicl.model.modules import student_t
+from cicl.train.loop import (
+    TrainResult,
+    _progress,
+    auto_epochs,
+    build_model,
+    contrastive_step,
+    load_state,
+    make_state,
+    resolve_device,
+)
+
+
+class Source(Protocol):
+    n: int  # this rank's cells
+
+    def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, pcs) float32 for the sorted local cell indices ``idx``."""
+        ...
+
+
+def block_knn(pcs: torch.Tensor, k: int) -> torch.Tensor:
+    """k nearest neighbours (self excluded) of every row within the block."""
+    k = min(k, pcs.shape[0] - 1)
+    d = torch.cdist(pcs, pcs)
+    d.fill_diagonal_(float("inf"))
+    return d.topk(k, largest=False).indices
+
+
+def _blocks(n: int, size: int, gen: torch.Generator | None) -> Iterator[np.ndarray]:
+    starts = np.arange(0, n, size)
+    order = torch.randperm(len(starts), generator=gen).numpy() if gen is not None else None
+    for i in order if order is not None else range(len(starts)):
+        s = int(starts[i])
+        yield np.arange(s, min(s + size, n))
+
+
+def train_stream(
+    source: Source,
+    n_clusters: int,
+    cfg: CICLConfig,
+    *,
+    comm: Comm | None = None,
+    groups: np.ndarray | None = None,
+    pca_init: tuple[np.ndarray, np.ndarray] | None = None,
+    pca_stats: tuple[np.ndarray, float] = (np.zeros(1, np.float32), 1.0),
+    n_genes: int,
+    on_round: Callable[[dict, dict], None] | None = None,
+    on_block: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    restore: dict | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train on ``source`` streamed block by block. ``pca_stats`` = (mean, rms) of the PCA
+    scores (from the preprocessing sample) for the hybrid space. ``on_block(idx, labels,
+    embedding)`` receives the final result block by block; the returned ``TrainResult`` then
+    has empty per-cell arrays."""
+    t0 = time.perf_counter()
+    comm = comm or Comm()
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + comm.rank)
+    n_local = source.n
+    n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
+    model, net, opt = build_model(n_genes, cfg, groups, pca_init, device, comm)
+    bs = min(cfg.train.batch_size, n)
+    b_local = max(1, bs // comm.world)
+    epochs = cfg.train.epochs or auto_epochs(
+        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
+    )
+    steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
+    warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
+    p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=device)
+    p_scale = cfg.cluster.pca_weight / float(pca_stats[1])
+    block = max(cfg.train.block_size, b_local)
+
+    def load(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, p = source.read(idx)
+        return torch.from_numpy(x).to(device), torch.from_numpy(p).to(device)
+
+    @torch.no_grad()
+    def space(x: torch.Tensor, p: torch.Tensor, train_mode: bool = False) -> torch.Tensor:
+        was = model.training
+        model.train(train_mode)
+        h = model.encoder(x)
+        model.train(was)
+        if cfg.cluster.space == "euclidean":
+            return h
+        h = F.normalize(h, dim=1)
+        if cfg.cluster.space == "sphere":
+            return h
+        return torch.cat([h, (p - p_mean) * p_scale], dim=1)
+
+    # fixed K-means sample: whole blocks (cheap contiguous reads), same on every restart
+    rs = np.random.default_rng(cfg.seed + comm.rank)
+    want = max(n_clusters, cfg.cluster.kmeans_sample // comm.world)
+    starts = np.arange(0, n_local, block)
+    rs.shuffle(starts)
+    sample_idx = np.sort(
+        np.concatenate([np.arange(s, min(s + block, n_local)) for s in starts])[:want]
+    )
+    pl_train = cfg.cluster.pseudo_label_mode == "train"
+
+    def sample_space() -> torch.Tensor:
+        parts = [
+            space(*load(sample_idx[i : i + block]), pl_train)
+            for i in range(0, len(sample_idx), block)
+        ]
+        return torch.cat(parts)
+
+    def recluster(prev: KMeansResult | None, n_init: int) -> KMeansResult:
+        h = sample_space()
+        res = kmeans(
+            h, n_clusters, n_init=n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed, comm=comm
+        )
+        if prev is not None:
+            warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
+            if warm.inertia <= res.inertia:
+                res = warm
+        return res
+
+    lab_all = torch.zeros(n_local, dtype=torch.long)
+    conf_all = torch.zeros(n_local, dtype=torch.float16)
+
+    def assign_all(res: KMeansResult) -> None:
+        for idx in _blocks(n_local, block, None):
+            q = student_t(space(*load(idx), pl_train), res.centroids, cfg.cluster.alpha)
+            c, lab = q.max(1)
+            lab_all[idx] = lab.cpu()
+            conf_all[idx] = c.cpu().half()
+
+    history: list[dict] = []
+    steps, start_epoch = 0, 1
+    if restore is None:
+        km = recluster(None, cfg.cluster.n_init)
+    else:
+        km, history, steps, start_epoch = load_state(restore, model, opt, gen, comm, device)
+    assign_all(km)
+    prev = lab_all.clone()
+    bar = _progress(epochs, progress and comm.rank == 0, initial=start_epoch - 1)
+    for epoch in range(start_epoch, epochs + 1):
+        model.train()
+        use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
+        done, tot, inst, clu = 0, 0.0, 0.0, 0.0
+        blocks = _blocks(n_local, block, gen)
+        while done < steps_per_epoch:
+            idx = next(blocks, None)
+            if idx is None:  # this rank ran out of cells before the slowest: start over
+                blocks = _blocks(n_local, block, gen)
+                continue
+            xb, pb = load(idx)
+            nbr = block_knn(pb, cfg.augment.n_neighbors)
+            perm = torch.randperm(len(idx), generator=gen)
+            for j in range(0, len(idx) - b_local + 1, b_local):
+                if done == steps_per_epoch:
+                    break
+                loc = perm[j : j + b_local]
+                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen)
+                xn = xb[nbr[loc.to(device), pick.to(device)]]
+                v1 = augment(xb[loc.to(device)], xn, cfg.augment, gen)
+                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen)
+                xn = xb[nbr[loc.to(device), pick.to(device)]]
+                v2 = augment(xb[loc.to(device)], xn, cfg.augment, gen)
+                gl = torch.from_numpy(idx)[loc]
+                pseudo = (lab_all[gl].to(device), conf_all[gl].float().to(device))
+                li, lc = contrastive_step(
+                    net, opt, v1, v2, pseudo if use_cluster else None, cfg, comm
+                )
+                done += 1
+                steps += 1
+                tot, inst, clu = tot + li + cfg.loss.lam * lc, inst + li, clu + lc
+        every = cfg.cluster.recluster_every
+        if every is not None and (epoch % every == 0 or epoch == epochs):
+            km = recluster(km, cfg.cluster.n_init)
+            assign_all(km)
+            nb = max(done, 1)
+            from sklearn.metrics import adjusted_rand_score
+
+            rec = {
+                "epoch": epoch,
+                "step": steps,
+                "loss": tot / nb,
+                "instance_loss": inst / nb,
+                "cluster_loss": clu / nb,
+                "inertia": km.inertia,
+                "label_change": 1.0 - float(adjusted_rand_score(prev.numpy(), lab_all.numpy())),
+                "cluster_active": bool(use_cluster),
+            }
+            prev = lab_all.clone()
+            history.append(rec)
+            if on_round is not None:
+                state = make_state(epoch, steps, model, opt, km, history, gen, comm)
+                on_round(rec, state)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    final = recluster(None, cfg.cluster.n_init)  # final labels: K-means on the sample, all assigned
+    labels_out: list[np.ndarray] = []
+    emb_out: list[np.ndarray] = []
+    for idx in _blocks(n_local, block, None):
+        h = space(*load(idx))
+        lab = torch.cdist(h, final.centroids).argmin(1).cpu().numpy()
+        if on_block is not None:
+            on_block(idx, lab, h.cpu().numpy())
+        else:
+            labels_out.append(lab)
+            emb_out.append(h.cpu().numpy())
+    dim = final.centroids.shape[1]
+    return TrainResult(
+        embedding=np.concatenate(emb_out) if emb_out else np.zeros((0, dim), np.float32),
+        labels=np.concatenate(labels_out) if labels_out else np.zeros(0, np.int64),
+        centroids=final.centroids.cpu().numpy(),
+        history=history,
+        epochs=epochs,
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+    )
