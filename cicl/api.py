@@ -114,6 +114,7 @@ def write_result(
         "steps": int(res.steps),
         "seconds": float(seconds),
         "workers": int(workers),
+        "timings": {k: float(v) for k, v in res.timings.items()},
     }
 
 

@@ -138,6 +138,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" picks cuda when available
     # streaming (atlases read from disk): cells read per block; mixing neighbours come from it
     block_size: int = 4096
+    steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over the cells)
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 64, "train.block_size must be >= 64")

@@ -42,6 +42,7 @@ class RayOptions:
     storage: str | None = None  # default: ./runs/ray (absolute); shared storage on clusters
     name: str | None = None  # default: a fresh unique name
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    threads: int | None = None  # torch threads per worker (default: cores / workers locally)
     fail_at_epoch: int | None = None  # test hook: kill rank 1 once after this epoch's report
 
 
@@ -145,7 +146,7 @@ def _run_trainer(
     loop_config = {
         **loop_config,
         "out_dir": str(out_dir),
-        "threads": max(1, int(cpus)) if opts.address else local_threads,
+        "threads": opts.threads or (max(1, int(cpus)) if opts.address else local_threads),
         "fail_at_epoch": opts.fail_at_epoch,
         "marker": str(storage / name / "failed_once"),
     }
@@ -265,13 +266,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
     tmp = out / f".rank{rank}.tmp.npz"
     np.savez(tmp, idx=idx, labels=res.labels, embedding=res.embedding.astype(np.float32))
     os.replace(tmp, out / f"rank{rank}.npz")
-    (out / f"node_rank{rank}.txt").write_text(ray.get_runtime_context().get_node_id())
+    _write_worker_info(out, rank, ray.get_runtime_context().get_node_id())
     if rank == 0:
         _write_meta(out, res)
 
 
+def _write_worker_info(out: Path, rank: int, node: str) -> None:
+    """Which node the rank ran on and its peak resident memory (for tests and benchmarks)."""
+    import resource
+
+    (out / f"node_rank{rank}.txt").write_text(node)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    (out / f"maxrss_rank{rank}.txt").write_text(f"{peak_mb:.1f}")
+
+
 def _write_meta(out: Path, res: TrainResult) -> None:
     meta = {
+        "timings": res.timings,
         "centroids": res.centroids.tolist(),
         "history": res.history,
         "epochs": res.epochs,
@@ -326,6 +337,7 @@ def fit_ray_stream(
         epochs=meta["epochs"],
         steps=meta["steps"],
         seconds=time.perf_counter() - t0,
+        timings=meta.get("timings", {}),
     )
 
 
@@ -374,6 +386,6 @@ def _stream_worker_loop(config: dict[str, Any]) -> None:
     files.clear()
     os.replace(lab_tmp, out / f"rank{rank}_labels.npy")
     os.replace(emb_tmp, out / f"rank{rank}_embedding.npy")
-    (out / f"node_rank{rank}.txt").write_text(ray.get_runtime_context().get_node_id())
+    _write_worker_info(out, rank, ray.get_runtime_context().get_node_id())
     if rank == 0:
         _write_meta(out, res)

@@ -38,6 +38,7 @@ class TrainResult:
     epochs: int = 0
     steps: int = 0
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +131,8 @@ def train(
     )
     b_local = max(1, bs // comm.world)  # the global batch is split evenly over ranks
     steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
+    if cfg.train.steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
 
     def nbr_rows(idx: torch.Tensor) -> torch.Tensor:

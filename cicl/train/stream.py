@@ -93,14 +93,21 @@ def train_stream(
         n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
     )
     steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
+    if cfg.train.steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
     p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=device)
     p_scale = cfg.cluster.pca_weight / float(pca_stats[1])
     block = max(cfg.train.block_size, b_local)
 
+    timings = {"read": 0.0, "train": 0.0, "kmeans": 0.0, "assign": 0.0}
+
     def load(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = time.perf_counter()
         x, p = source.read(idx)
-        return torch.from_numpy(x).to(device), torch.from_numpy(p).to(device)
+        out = torch.from_numpy(x).to(device), torch.from_numpy(p).to(device)
+        timings["read"] += time.perf_counter() - t
+        return out
 
     @torch.no_grad()
     def space(x: torch.Tensor, p: torch.Tensor, train_mode: bool = False) -> torch.Tensor:
@@ -133,6 +140,7 @@ def train_stream(
         return torch.cat(parts)
 
     def recluster(prev: KMeansResult | None, n_init: int) -> KMeansResult:
+        t = time.perf_counter()
         h = sample_space()
         res = kmeans(
             h, n_clusters, n_init=n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed, comm=comm
@@ -141,17 +149,20 @@ def train_stream(
             warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
             if warm.inertia <= res.inertia:
                 res = warm
+        timings["kmeans"] += time.perf_counter() - t
         return res
 
     lab_all = torch.zeros(n_local, dtype=torch.long)
     conf_all = torch.zeros(n_local, dtype=torch.float16)
 
     def assign_all(res: KMeansResult) -> None:
+        t = time.perf_counter()
         for idx in _blocks(n_local, block, None):
             q = student_t(space(*load(idx), pl_train), res.centroids, cfg.cluster.alpha)
             c, lab = q.max(1)
             lab_all[idx] = lab.cpu()
             conf_all[idx] = c.cpu().half()
+        timings["assign"] += time.perf_counter() - t
 
     history: list[dict] = []
     steps, start_epoch = 0, 1
@@ -166,6 +177,7 @@ def train_stream(
         model.train()
         use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
         done, tot, inst, clu = 0, 0.0, 0.0, 0.0
+        t_epoch = time.perf_counter()
         blocks = _blocks(n_local, block, gen)
         while done < steps_per_epoch:
             idx = next(blocks, None)
@@ -193,6 +205,7 @@ def train_stream(
                 done += 1
                 steps += 1
                 tot, inst, clu = tot + li + cfg.loss.lam * lc, inst + li, clu + lc
+        timings["train"] += time.perf_counter() - t_epoch
         every = cfg.cluster.recluster_every
         if every is not None and (epoch % every == 0 or epoch == epochs):
             km = recluster(km, cfg.cluster.n_init)
@@ -221,6 +234,7 @@ def train_stream(
         bar.close()
 
     final = recluster(None, cfg.cluster.n_init)  # final labels: K-means on the sample, all assigned
+    t_final = time.perf_counter()
     labels_out: list[np.ndarray] = []
     emb_out: list[np.ndarray] = []
     for idx in _blocks(n_local, block, None):
@@ -231,6 +245,8 @@ def train_stream(
         else:
             labels_out.append(lab)
             emb_out.append(h.cpu().numpy())
+    timings["assign"] += time.perf_counter() - t_final
+    timings["train_steps"] = float(steps)
     dim = final.centroids.shape[1]
     return TrainResult(
         embedding=np.concatenate(emb_out) if emb_out else np.zeros((0, dim), np.float32),
@@ -240,4 +256,5 @@ def train_stream(
         epochs=epochs,
         steps=steps,
         seconds=time.perf_counter() - t0,
+        timings=timings,
     )

@@ -1,0 +1,144 @@
+"""Scaling benchmark: streaming Ray Train on simulated atlases of growing size.
+
+For each atlas size (simulated like a real dataset with ``cicl simulate``'s model and cached)
+and each worker count, runs one streaming fit with a fixed number of training steps and one
+reclustering round, and records: training-step throughput (cells/s over the global batch,
+both views counted once), time split (read, train, K-means, assignment passes), end-to-end
+seconds and peak resident memory per worker. Writes scaling.csv / scaling.md / scaling.png.
+
+    python benchmarks/scaling.py --like ../shared/data/young_kidney.h5ad \
+        --sizes 10000,100000,1000000 --workers 1,2 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def run_one(atlas: Path, k: int, workers: int, threads: int | None, steps: int, tmp: Path):
+    from cicl.api import fit_h5ad_stream
+    from cicl.config import CICLConfig
+    from cicl.distributed import RayOptions
+
+    cfg = CICLConfig().with_overrides(
+        {
+            "train.epochs": 1,
+            "train.steps_per_epoch": steps,
+            "cluster.recluster_every": 1,
+            "cluster.n_init": 3,
+            "cluster.kmeans_sample": 20_000,
+        }
+    )
+    name = f"scale-{atlas.stem}-{workers}w-{threads}t-{time.time_ns()}"
+    opts = RayOptions(workers=workers, storage=str(tmp), name=name, threads=threads)
+    t0 = time.perf_counter()
+    uns = fit_h5ad_stream(
+        atlas, tmp / f"{name}.h5ad", k, config=cfg, ray_options=opts, progress=False
+    )
+    wall = time.perf_counter() - t0
+    shards = tmp / name / "shards"
+    rss = [float((shards / f"maxrss_rank{r}.txt").read_text()) for r in range(workers)]
+    (tmp / f"{name}.h5ad").unlink()
+    return uns, wall, max(rss)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--like", default="../shared/data/young_kidney.h5ad")
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per run")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cicl_scaling"))
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    import ray
+
+    from cicl.data.simulate import simulate
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=max(2, os.cpu_count() or 1), dashboard_host="127.0.0.1", log_to_driver=False)
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        atlas = cache / f"{Path(args.like).stem}_{n}.h5ad"
+        if not atlas.exists():
+            t = time.perf_counter()
+            simulate(args.like, n, atlas, n_genes=2000, seed=0)
+            print(f"simulated {n} cells in {time.perf_counter() - t:.0f} s")
+        import anndata as ad
+
+        k = ad.read_h5ad(atlas, backed="r").obs["cell_type"].nunique()
+        configs = [(w, None) for w in (int(s) for s in args.workers.split(","))]
+        configs.insert(1, (1, 1))  # one worker restricted to one core: per-core scaling
+        for w, threads in configs:
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                uns, wall, rss = run_one(atlas, k, w, threads, args.steps, Path(tmp))
+            tm = uns["timings"]
+            batch = 256
+            row = {
+                "cells": n,
+                "workers": w,
+                "threads_per_worker": threads or max(1, (os.cpu_count() or 1) // w),
+                "train_cells_per_s": round(
+                    args.steps * batch / max(tm.get("train", np.nan), 1e-9), 1
+                ),
+                "read_s": round(tm.get("read", np.nan), 1),
+                "train_s": round(tm.get("train", np.nan), 1),
+                "kmeans_s": round(tm.get("kmeans", np.nan), 1),
+                "assign_s": round(tm.get("assign", np.nan), 1),
+                # initial, end-of-round and final passes over every cell
+                "assign_cells_per_s": round(3 * n / max(tm.get("assign", np.nan), 1e-9), 1),
+                "wall_s": round(wall, 1),
+                "peak_rss_mb_per_worker": round(rss, 0),
+            }
+            print(row, flush=True)
+            rows.append(row)
+            df = pd.DataFrame(rows)
+            df.to_csv(out / "scaling.csv", index=False)
+    df = pd.DataFrame(rows)
+    (out / "scaling.md").write_text(_markdown(df))
+    _plot(df, out / "scaling.png")
+    ray.shutdown()
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for (w, t), g in df.groupby(["workers", "threads_per_worker"]):
+        lab = f"{w} worker(s) x {t} thread(s)"
+        ax[0].plot(g["cells"], g["train_cells_per_s"], "o-", label=lab)
+        ax[1].plot(g["cells"], g["peak_rss_mb_per_worker"], "o-", label=lab)
+    for a, yl in zip(
+        ax, ["training throughput (cells/s)", "peak RSS per worker (MB)"], strict=True
+    ):
+        a.set_xscale("log")
+        a.set_xlabel("cells in the atlas")
+        a.set_ylabel(yl)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
