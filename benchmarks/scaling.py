@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="training steps per run")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cicl_scaling"))
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--append", action="store_true", help="keep other sizes' rows in the CSV")
     args = ap.parse_args()
 
     import ray
@@ -68,6 +69,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=max(2, os.cpu_count() or 1), dashboard_host="127.0.0.1", log_to_driver=False)
+    old = (
+        pd.read_csv(out / "scaling.csv") if args.append and (out / "scaling.csv").exists() else None
+    )
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         atlas = cache / f"{Path(args.like).stem}_{n}.h5ad"
@@ -103,12 +107,21 @@ def main() -> None:
             }
             print(row, flush=True)
             rows.append(row)
-            df = pd.DataFrame(rows)
+            df = _merge(old, rows)
             df.to_csv(out / "scaling.csv", index=False)
-    df = pd.DataFrame(rows)
+    df = _merge(old, rows)
     (out / "scaling.md").write_text(_markdown(df))
     _plot(df, out / "scaling.png")
     ray.shutdown()
+
+
+def _merge(old: pd.DataFrame | None, rows: list[dict]) -> pd.DataFrame:
+    new = pd.DataFrame(rows)
+    if old is None:
+        return new
+    key = ["cells", "workers", "threads_per_worker"]
+    keep = ~old.set_index(key).index.isin(new.set_index(key).index)
+    return pd.concat([old[keep], new]).sort_values(key).reset_index(drop=True)
 
 
 def _markdown(df: pd.DataFrame) -> str:
