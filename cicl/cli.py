@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from cicl.config import PRESETS, ConfigError, load_config
 from cicl.errors import CICLError
+from cicl.objective import OBJECTIVES
 
 STREAM_MIN_CELLS = 200_000
 
@@ -119,6 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    t = sub.add_parser(
+        "tune", help="Ray Tune + Optuna sweep, every trial a Ray Train run, logged to MLflow"
+    )
+    t.add_argument("input", help="dataset (any format `cicl fit` reads)")
+    t.add_argument("--trials", default="12", help="number of trials (default 12)")
+    t.add_argument("--space", default="default", help="tune/NAME.yaml or a YAML path")
+    t.add_argument(
+        "--objective",
+        default="auto",
+        choices=list(OBJECTIVES),
+        help="what Optuna maximises; auto = silhouette in PCA space (label-free)",
+    )
+    t.add_argument("--label-key", default=None, help="true labels: ARI/NMI logged, not used")
+    t.add_argument("--mlflow-uri", default=None, help="default sqlite:///<abs>/runs/mlflow.db")
+    t.add_argument("--experiment", default=None, help="MLflow experiment = sweep name")
+    t.add_argument("--workers-per-trial", default="1", help="Ray Train workers per trial")
+    t.add_argument("--gpus-per-worker", type=float, default=0.0)
+    t.add_argument("--cpus-per-worker", type=float, default=None)
+    t.add_argument("--concurrent", default="1", help="trials at a time")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    t.add_argument("--out", default=None, help="write the best labelling to this .h5ad")
+    t.add_argument("--root", default="runs", help="folder for sweeps and the MLflow store")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    t.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    t.add_argument("--no-asha", action="store_true", help="run every trial to the end")
+    t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    t.add_argument("--json", action="store_true", help="print one JSON line with the best")
+
+    r = sub.add_parser("runs", help="compare the runs of a sweep (from MLflow)")
+    r.add_argument("--experiment", default=None, help="default: the latest experiment")
+    r.add_argument("--mlflow-uri", default=None, help="default sqlite:///<abs>/runs/mlflow.db")
+    r.add_argument("--root", default="runs")
+    r.add_argument("--sort", default=None, help="column to sort by (default objective)")
 
     c = sub.add_parser("config", help="show or validate configurations")
     c.add_argument("action", choices=["show", "validate"])
@@ -339,6 +375,123 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(name: str, value: str, low: int) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise CICLError(f"{name} must be an integer, got '{value}'.") from None
+    if v < low:
+        raise CICLError(f"{name} must be >= {low}, got {v}.")
+    return v
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cicl.api import _choose_k, write_result
+    from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
+    from cicl.data.preprocess import preprocess
+    from cicl.sweep import SweepOptions, load_space, mlflow_ui_command, run_sweep, runs_table
+
+    trials = _int_at_least("--trials", args.trials, 1)
+    workers = _int_at_least("--workers-per-trial", args.workers_per_trial, 1)
+    concurrent = _int_at_least("--concurrent", args.concurrent, 1)
+    load_space(args.space)  # fail fast on a bad space file
+    out = check_output(args.input, args.out, args.force) if args.out else None
+    if args.objective in ("ari", "nmi") and args.label_key is None:
+        raise CICLError(f"--objective {args.objective} optimises against labels: give --label-key.")
+    t0 = time.perf_counter()
+    adata = read_input(args.input)
+    check_matrix(adata)
+    truth = None
+    if args.label_key is not None:
+        if args.label_key not in adata.obs:
+            raise CICLError(f"--label-key '{args.label_key}' is not an obs column.")
+        if adata.obs[args.label_key].isna().any():
+            raise CICLError(f"--label-key '{args.label_key}' has missing values.")
+        truth = adata.obs[args.label_key].astype(str).to_numpy()
+    base = load_config(None, {})
+    prep = preprocess(adata, base.preprocess)
+    k_est, source = _choose_k(base, prep.pcs)
+    opts = SweepOptions(
+        trials=trials,
+        space=args.space,
+        objective=args.objective,
+        mlflow_uri=args.mlflow_uri,
+        experiment=args.experiment,
+        workers_per_trial=workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        concurrent=concurrent,
+        resume=args.resume,
+        root=args.root,
+        address=args.address,
+        seed=args.seed,
+        asha=not args.no_asha,
+    )
+    print(
+        f"K estimate {k_est} ({source}); {trials} trials, space '{args.space}', "
+        f"objective {args.objective}",
+        file=sys.stderr,
+    )
+    res = run_sweep(
+        prep.x,
+        prep.pcs,
+        k_est,
+        base,
+        opts,
+        truth=truth,
+        label_key=args.label_key,
+        name_hint=Path(args.input).stem,
+    )
+    table, _ = runs_table(res.mlflow_uri, res.experiment, None)
+    print(table.to_string(index=False), file=sys.stderr)
+    summary = {
+        "experiment": res.experiment,
+        "best_params": {
+            k: (v.item() if hasattr(v, "item") else v) for k, v in res.best_params.items()
+        },
+        **{f"best_{k}": v for k, v in res.best_metrics.items()},
+        "trials": len(res.trials),
+        "mlflow_uri": res.mlflow_uri,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if out is not None:
+        from cicl.train.loop import TrainResult
+
+        k = int(res.best_config.cluster.n_clusters or len(np.unique(res.best_labels)))
+        tr = TrainResult(res.best_embedding, res.best_labels, np.zeros((0, 0), np.float32))
+        write_result(
+            adata, tr, res.best_config, prep.info, k, f"sweep {res.experiment}", "cicl", 0.0
+        )
+        write_h5ad_atomic(adata, out)
+        summary["output"] = str(out)
+    print(
+        f"best: {summary['best_params']} objective {res.best_metrics.get('objective'):.4f}"
+        + (
+            f", ARI {res.best_metrics['ari']:.3f} (scored only)"
+            if "ari" in res.best_metrics
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    print(f"compare in MLflow: {mlflow_ui_command(res.mlflow_uri)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from cicl.sweep import default_mlflow_uri, mlflow_ui_command, runs_table
+
+    uri = args.mlflow_uri or default_mlflow_uri(Path(args.root).resolve())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise CICLError(f"No MLflow store at {uri}. Run `cicl tune` first or pass --mlflow-uri.")
+    table, exp = runs_table(uri, args.experiment, args.sort)
+    print(f"experiment {exp}: {len(table)} trial runs")
+    print(table.to_string(index=False) if len(table) else "(no trial runs)")
+    print(f"\nopen them: {mlflow_ui_command(uri)}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     overrides = {"preset": args.preset} if args.preset else {}
     cfg = load_config(args.file, overrides)
@@ -356,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_fit(args)
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command == "tune":
+            return cmd_tune(args)
+        if args.command == "runs":
+            return cmd_runs(args)
         return cmd_config(args)
     except (CICLError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -220,6 +220,11 @@ def _reporter(rank: int, config: dict[str, Any]):
 
     def on_round(rec: dict, state: dict) -> None:
         metrics = {k: float(v) for k, v in rec.items()}
+        if rank == 0 and config.get("mlflow"):  # per-round curves in the trial's MLflow run
+            from cicl.sweep import log_metrics
+
+            uri, run_id = config["mlflow"]
+            log_metrics(uri, run_id, metrics, int(rec["epoch"]))
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(state, Path(tmp) / STATE_FILE)
@@ -249,6 +254,20 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     rank, cfg, restore = _worker_setup(config)
     x, pcs, idx = ray.get(config["shards"][rank])
+    hook = None
+    if config.get("objective"):  # sweeps: score every round on this rank's cells
+        from cicl.objective import score_labels
+
+        truth = config["truth"][rank] if config.get("truth") is not None else None
+
+        def hook(labels: np.ndarray, emb) -> dict:
+            out = {"objective": score_labels(config["objective"], labels, pcs, emb, truth)}
+            if truth is not None:
+                from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+                out["ari"] = float(adjusted_rand_score(truth, labels))
+                out["nmi"] = float(normalized_mutual_info_score(truth, labels))
+            return out
 
     on_round = _reporter(rank, config)
     res = train(
@@ -261,6 +280,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         pca_init=config["pca_init"],
         restore=restore,
         on_round=on_round,
+        round_metrics=hook,
     )
     out = Path(config["out_dir"])
     tmp = out / f".rank{rank}.tmp.npz"

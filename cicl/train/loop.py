@@ -94,6 +94,7 @@ def train(
     groups: np.ndarray | None = None,
     pca_init: tuple[np.ndarray, np.ndarray] | None = None,
     restore: dict | None = None,
+    round_metrics: Callable[[np.ndarray, Callable[[], np.ndarray]], dict] | None = None,
 ) -> TrainResult:
     """Train CICL on this process' cells and cluster them.
 
@@ -106,7 +107,9 @@ def train(
 
     ``on_round(record, checkpoint)`` is called after every reclustering round on every rank
     (``checkpoint`` is the full training state, RNG of every rank included; pass it back as
-    ``restore`` to continue exactly where it was taken).
+    ``restore`` to continue exactly where it was taken). ``round_metrics(labels, embedding)``
+    adds entries to each round's record (e.g. a sweep objective; ``embedding()`` computes this
+    rank's clustering-space embedding on demand).
     """
     t0 = time.perf_counter()
     comm = comm or Comm()
@@ -233,6 +236,12 @@ def train(
                 - float(adjusted_rand_score(prev_labels.cpu().numpy(), lab_all.cpu().numpy())),
                 "cluster_active": bool(use_cluster),
             }
+            if round_metrics is not None:
+                rec.update(
+                    round_metrics(
+                        lab_all.cpu().numpy(), lambda: space(embed(model, xt)).cpu().numpy()
+                    )
+                )
             prev_labels = lab_all.clone()
             history.append(rec)
             if on_round is not None:

@@ -1,0 +1,719 @@
+"""Ray Tune + Optuna sweeps over CICL, every trial a Ray Train run, all logged to MLflow.
+
+Shape (the Ray 2.60 pattern): a Tune *function* trainable per trial builds a ``TorchTrainer``
+(named after the trial, so a restarted trial resumes its own checkpoints) whose rank 0 reports
+every reclustering round; ``TuneReportCallback`` forwards those reports to Tune, so ASHA can stop
+weak trials at round boundaries and Optuna's TPE (seeded) learns from them. The trial then scores
+its final labels, logs artifacts and reports the final objective.
+
+MLflow: one experiment per sweep, a parent run for the sweep and one child run per trial, both
+found again by tag on ``--resume`` (never created twice), written with ``MlflowClient`` and an
+explicit run id (no global active run shared between trials).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cicl.config import CICLConfig
+from cicl.errors import CICLError
+from cicl.objective import SUPERVISED, resolve, score_labels
+
+TUNE_DIR = Path(__file__).resolve().parents[1] / "tune"
+AUG_TYPES = {
+    "noise": ("noise_std",),
+    "mask": ("mask_frac",),
+    "neighbor": ("neighbor_prob",),
+    "noise+mask": ("noise_std", "mask_frac"),
+    "all": ("noise_std", "mask_frac", "neighbor_prob"),
+}
+
+
+# ---------------------------------------------------------------- search spaces
+
+
+@dataclass(frozen=True)
+class Space:
+    """A search space: ``params`` (dotted config key -> distribution spec) and ``fixed``
+    overrides applied to every trial."""
+
+    name: str
+    params: dict[str, dict]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+def load_space(spec: str | Path) -> Space:
+    """``spec`` is a path to a YAML file or the name of one in ``tune/``."""
+    p = Path(spec)
+    if not p.suffix:
+        p = TUNE_DIR / f"{spec}.yaml"
+    if not p.is_file():
+        known = ", ".join(sorted(f.stem for f in TUNE_DIR.glob("*.yaml")))
+        raise CICLError(f"Search space '{spec}' not found. Give a YAML path or one of: {known}.")
+    data = yaml.safe_load(p.read_text()) or {}
+    params = data.get("params") or {}
+    if not params:
+        raise CICLError(f"Search space '{p}' has no 'params'.")
+    probe = CICLConfig()
+    for key, dist in params.items():
+        if key != "augment.type":
+            probe.with_overrides({key: _probe_value(dist)})  # unknown keys: "did you mean"
+        if dist.get("type") not in ("loguniform", "uniform", "int", "choice", "k_around_estimate"):
+            raise CICLError(f"{p}: '{key}' has unknown type '{dist.get('type')}'.")
+    CICLConfig().with_overrides(data.get("fixed") or {})
+    return Space(p.stem, params, data.get("fixed") or {})
+
+
+def _probe_value(dist: dict) -> Any:
+    t = dist.get("type")
+    if t == "choice":
+        return dist["values"][0]
+    if t == "k_around_estimate":
+        return 5
+    return dist["low"]
+
+
+def k_range(dist: dict, k_est: int, n_cells: int) -> tuple[int, int]:
+    d = int(dist.get("delta", 4))
+    return max(2, k_est - d), min(n_cells - 1, k_est + d)
+
+
+def tune_space(space: Space, k_est: int, n_cells: int) -> dict[str, Any]:
+    """Ray Tune param space (Optuna converts these distributions)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, d in space.params.items():
+        t = d["type"]
+        if t == "loguniform":
+            out[key] = tune.loguniform(float(d["low"]), float(d["high"]))
+        elif t == "uniform":
+            out[key] = tune.uniform(float(d["low"]), float(d["high"]))
+        elif t == "int":
+            out[key] = tune.randint(int(d["low"]), int(d["high"]) + 1)
+        elif t == "choice":
+            out[key] = tune.choice(list(d["values"]))
+        else:
+            lo, hi = k_range(d, k_est, n_cells)
+            out[key] = tune.randint(lo, hi + 1)
+    return out
+
+
+def trial_config(base: CICLConfig, space: Space, params: dict[str, Any]) -> CICLConfig:
+    """The config of one trial: base + fixed + sampled params (``augment.type`` switches
+    augmentation kinds off by zeroing their strength)."""
+    over = dict(space.fixed)
+    for key, v in params.items():
+        if key == "augment.type":
+            on = AUG_TYPES[v]
+            for kind in ("noise_std", "mask_frac", "neighbor_prob"):
+                if kind not in on:
+                    over[f"augment.{kind}"] = 0.0
+        else:
+            over[key] = v.item() if hasattr(v, "item") else v
+    return base.with_overrides(over)
+
+
+# ---------------------------------------------------------------- MLflow helpers
+
+
+def default_mlflow_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def find_or_create_run(
+    uri: str, exp_id: str, tags: dict[str, str], name: str, parent: str | None = None
+) -> tuple[str, bool]:
+    """The run carrying ``tags`` (resume), else a new one. Returns (run id, created)."""
+    client = _client(uri)
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client.search_runs([exp_id], filter_string=filt, max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    all_tags = dict(tags)
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, tags=all_tags, run_name=name)
+    return run.info.run_id, True
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    items = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), ts, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, np.floating, np.integer, bool)) and np.isfinite(float(v))
+    ]
+    if items:
+        _client(uri).log_batch(run_id, metrics=items)
+
+
+# ---------------------------------------------------------------- the trial
+
+
+@dataclass
+class SweepSetup:
+    """Everything a trial needs besides its sampled params (shipped once with
+    ``tune.with_parameters``)."""
+
+    base: CICLConfig
+    space: Space
+    x: np.ndarray
+    pcs: np.ndarray
+    truth: np.ndarray | None
+    objective: str
+    mlflow_uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage: str
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    label_key: str | None
+    plots: bool = True
+
+
+def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
+    """Tune function trainable: one Ray Train run of CICL with this trial's params."""
+    import ray
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cicl.distributed import _collect, model_init, shard_indices
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(setup.base, setup.space, config)
+    k = int(cfg.cluster.n_clusters or 2)
+    run_id, created = find_or_create_run(
+        setup.mlflow_uri,
+        setup.experiment_id,
+        {"cicl.trial_id": trial_id},
+        f"trial-{trial_id}",
+        parent=setup.parent_run_id,
+    )
+    client = _client(setup.mlflow_uri)
+    if created:
+        log_params(
+            setup.mlflow_uri,
+            run_id,
+            {**cfg.flat(), **{f"search.{k_}": v for k_, v in config.items()}},
+        )
+    else:  # a restarted trial (resume, failure) reopens its own run
+        client.update_run(run_id, status="RUNNING")
+    trial_dir = Path(setup.storage) / "trials" / f"trial_id={trial_id}"
+    out_dir = trial_dir / "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups, pca_init = model_init(setup.x, setup.pcs, cfg)
+    parts = shard_indices(setup.x.shape[0], setup.workers, cfg.seed)
+    shards = [ray.put((setup.x[p], setup.pcs[p], p)) for p in parts]
+    truth_shards = None
+    if setup.truth is not None:
+        truth_shards = [setup.truth[p] for p in parts]
+    loop_config = {
+        "cfg": cfg,
+        "k": k,
+        "shards": shards,
+        "groups": groups,
+        "pca_init": pca_init,
+        "out_dir": str(out_dir),
+        "threads": max(1, int(setup.cpus_per_worker)),
+        "objective": setup.objective,
+        "truth": truth_shards,
+        "mlflow": (setup.mlflow_uri, run_id),
+        "fail_at_epoch": None,
+        "marker": str(trial_dir / "failed_once"),
+    }
+    resources = {"CPU": setup.cpus_per_worker}
+    if setup.gpus_per_worker:
+        resources["GPU"] = setup.gpus_per_worker
+    from cicl.distributed import _worker_loop
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=setup.workers,
+            use_gpu=bool(setup.gpus_per_worker),
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=f"train-trial_id={trial_id}",
+            storage_path=str(Path(setup.storage) / "train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    res = _collect(out_dir, parts, setup.x.shape[0])
+    final = {
+        "objective": score_labels(
+            setup.objective, res.labels, setup.pcs, res.embedding, setup.truth
+        ),
+        "n_clusters": float(k),
+        "final": 1.0,
+    }
+    if setup.truth is not None:
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+        final["ari"] = float(adjusted_rand_score(setup.truth, res.labels))
+        final["nmi"] = float(normalized_mutual_info_score(setup.truth, res.labels))
+    steps = int(res.history[-1]["epoch"]) + 1 if res.history else 1
+    log_metrics(setup.mlflow_uri, run_id, {f"final_{k_}": v for k_, v in final.items()}, steps)
+    np.save(trial_dir / "labels.npy", res.labels)
+    np.save(trial_dir / "embedding.npy", res.embedding)
+    _trial_artifacts(setup, cfg, res, run_id, trial_dir, result)
+    client.set_terminated(run_id, "FINISHED")
+    ray.tune.report({**final, "trial_dir": str(trial_dir)})
+
+
+def _trial_artifacts(
+    setup: SweepSetup, cfg: CICLConfig, res, run_id: str, trial_dir: Path, result
+) -> None:
+    """Config, labels table, model checkpoint, UMAP + curves figure."""
+    import pandas as pd
+
+    client = _client(setup.mlflow_uri)
+    art = trial_dir / "artifacts"
+    art.mkdir(exist_ok=True)
+    cfg.to_yaml(art / "config.yaml")
+    table = pd.DataFrame({"cell": np.arange(len(res.labels)), "cluster": res.labels})
+    if setup.truth is not None:
+        table[setup.label_key or "label"] = setup.truth
+    table.to_csv(art / "labels.csv", index=False)
+    if result is not None and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            import shutil
+
+            shutil.copy(Path(d) / "state.pt", art / "checkpoint.pt")
+    if setup.plots:
+        try:
+            _plot_trial(res, setup, art / "umap_curves.png")
+        except Exception as exc:  # noqa: BLE001 - a figure must never fail a trial
+            (art / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}")
+    client.log_artifacts(run_id, str(art))
+
+
+def _plot_trial(res, setup: SweepSetup, path: Path) -> None:
+    import anndata as ad
+    import pandas as pd
+
+    from cicl.plotting import plot_fit
+
+    obs = pd.DataFrame({"cicl": pd.Categorical(res.labels.astype(str))})
+    if setup.truth is not None:
+        obs["label"] = pd.Categorical(np.asarray(setup.truth).astype(str))
+    a = ad.AnnData(obs=obs)
+    a.obsm["X_cicl"] = res.embedding
+    a.uns["cicl"] = {"history": pd.DataFrame(res.history).to_dict(orient="list")}
+    plot_fit(a, path, label_key="label" if setup.truth is not None else None)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    trials: int = 12
+    space: str = "default"
+    objective: str = "auto"
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    concurrent: int = 1
+    resume: bool = False
+    root: str = "runs"  # sweeps under ROOT/tune/<experiment>, MLflow store ROOT/mlflow.db
+    address: str | None = None
+    seed: int = 0
+    asha: bool = True
+    plots: bool = True
+
+
+@dataclass
+class SweepResult:
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    mlflow_uri: str
+    best_params: dict[str, Any]
+    best_metrics: dict[str, float]
+    best_labels: np.ndarray
+    best_embedding: np.ndarray
+    best_config: CICLConfig
+    trials: list[dict]  # one record per trial: params, metrics, status
+    path: str
+
+
+def run_sweep(
+    x: np.ndarray,
+    pcs: np.ndarray,
+    k_est: int,
+    base: CICLConfig,
+    opts: SweepOptions,
+    *,
+    truth: np.ndarray | None = None,
+    label_key: str | None = None,
+    name_hint: str = "cicl",
+) -> SweepResult:
+    """Run (or ``resume``) a sweep; returns the best trial by the objective."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cicl.distributed import ensure_ray
+
+    objective = resolve(opts.objective)
+    if objective in SUPERVISED and truth is None:
+        raise CICLError(f"--objective {objective} needs --label-key.")
+    space = load_space(opts.space)
+    root = Path(opts.root).resolve()
+    sweeps = root / "tune"
+    sweeps.mkdir(parents=True, exist_ok=True)
+    experiment = opts.experiment or _experiment_name(sweeps, name_hint, opts.resume)
+    path = sweeps / experiment
+    if opts.resume and not path.exists():
+        raise CICLError(f"No sweep '{experiment}' to resume under {sweeps}.")
+    if not opts.resume and path.exists():
+        raise CICLError(
+            f"Sweep '{experiment}' already exists under {sweeps}. "
+            "Pass --resume to continue it, or another --experiment name."
+        )
+    uri = opts.mlflow_uri or default_mlflow_uri(root)
+    exp_id = ensure_experiment(uri, experiment, root / "mlartifacts" / experiment)
+    parent, created = find_or_create_run(
+        uri, exp_id, {"cicl.sweep": experiment}, f"sweep-{experiment}"
+    )
+    if created:
+        log_params(
+            uri,
+            parent,
+            {
+                "space": space.name,
+                "objective": objective,
+                "trials": opts.trials,
+                "workers_per_trial": opts.workers_per_trial,
+                "k_estimate": k_est,
+                **{f"fixed.{k}": v for k, v in space.fixed.items()},
+            },
+        )
+    ensure_ray(opts.address)
+    total = float(ray.cluster_resources().get("CPU", 2.0))
+    driver_cpu = 0.5
+    cpw = opts.cpus_per_worker or max(
+        0.25,
+        min(
+            1.0, (total - driver_cpu * opts.concurrent) / (opts.concurrent * opts.workers_per_trial)
+        ),
+    )
+    cpw = float(np.floor(cpw * 4) / 4) or 0.25
+    setup = SweepSetup(
+        base=base,
+        space=space,
+        x=x,
+        pcs=pcs,
+        truth=truth,
+        objective=objective,
+        mlflow_uri=uri,
+        experiment_id=exp_id,
+        parent_run_id=parent,
+        storage=str(path),
+        workers=opts.workers_per_trial,
+        cpus_per_worker=cpw,
+        gpus_per_worker=opts.gpus_per_worker,
+        label_key=label_key,
+        plots=opts.plots,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"cpu": driver_cpu}
+    )
+    rounds = _max_rounds(base, space, x.shape[0])
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=rounds + 1,
+            grace_period=max(1, rounds // 3),
+            reduction_factor=2,
+        )
+        if opts.asha
+        else FIFOScheduler()
+    )
+    tuner_path = str(path / "tuner")
+    if opts.resume and tune.Tuner.can_restore(tuner_path):
+        tuner = tune.Tuner.restore(
+            tuner_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(space, k_est, x.shape[0]),
+            tune_config=tune.TuneConfig(
+                metric="objective",
+                mode="max",
+                search_alg=OptunaSearch(seed=opts.seed),
+                scheduler=scheduler,
+                num_samples=opts.trials,
+                max_concurrent_trials=opts.concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name="tuner",
+                storage_path=str(path),
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+    grid = tuner.fit()
+    return _finish(grid, setup, space, k_est, experiment, path, opts)
+
+
+def _experiment_name(sweeps: Path, hint: str, resume: bool) -> str:
+    if resume:
+        found = sorted(
+            (p for p in sweeps.glob(f"{hint}-*") if (p / "tuner").exists()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not found:
+            raise CICLError(f"No sweep of '{hint}' to resume under {sweeps}.")
+        return found[-1].name
+    return f"{hint}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _max_rounds(cfg: CICLConfig, space: Space, n: int) -> int:
+    """Reclustering rounds of the longest trial (ASHA's max_t)."""
+    from cicl.train.loop import auto_epochs
+
+    bs = min(cfg.train.batch_size, n)
+    epochs = cfg.train.epochs or auto_epochs(
+        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
+    )
+    every = [cfg.cluster.recluster_every or 5]
+    d = space.params.get("cluster.recluster_every")
+    if d and d["type"] == "choice":
+        every = [v for v in d["values"] if v]
+    elif d:
+        every = [int(d["low"])]
+    return max(1, int(np.ceil(epochs / max(1, min(every)))))
+
+
+def _finish(
+    grid, setup: SweepSetup, space: Space, k_est: int, experiment: str, path: Path, opts
+) -> SweepResult:
+    """Pick the best finished trial, close runs, log the sweep's summary and plots."""
+    trials = []
+    best = None
+    for r in grid:
+        m = r.metrics or {}
+        rec = {
+            "trial_id": m.get("trial_id"),
+            "params": {k.removeprefix("config/"): v for k, v in (r.config or {}).items()},
+            "objective": m.get("objective"),
+            "ari": m.get("ari"),
+            "nmi": m.get("nmi"),
+            "finished": bool(m.get("final")),
+            "trial_dir": m.get("trial_dir"),
+            "error": str(r.error) if r.error else None,
+        }
+        trials.append(rec)
+        if rec["finished"] and rec["objective"] is not None:
+            if best is None or rec["objective"] > best["objective"]:
+                best = rec
+    client = _client(setup.mlflow_uri)
+    _close_orphans(setup, trials)
+    if best is None:
+        client.set_terminated(setup.parent_run_id, "FAILED")
+        raise CICLError("No trial finished; see the Ray logs under " + str(path))
+    tdir = Path(best["trial_dir"])
+    labels, emb = np.load(tdir / "labels.npy"), np.load(tdir / "embedding.npy")
+    best_cfg = trial_config(setup.base, space, best["params"])
+    metrics = {f"best_{k}": best[k] for k in ("objective", "ari", "nmi") if best[k] is not None}
+    metrics["trials_finished"] = sum(t["finished"] for t in trials)
+    log_metrics(setup.mlflow_uri, setup.parent_run_id, metrics, 0)
+    client.set_tag(setup.parent_run_id, "cicl.best_trial", str(best["trial_id"]))
+    _sweep_artifacts(setup, space, k_est, trials, best, path)
+    client.set_terminated(setup.parent_run_id, "FINISHED")
+    return SweepResult(
+        experiment=experiment,
+        experiment_id=setup.experiment_id,
+        parent_run_id=setup.parent_run_id,
+        mlflow_uri=setup.mlflow_uri,
+        best_params=best["params"],
+        best_metrics={
+            k: v for k, v in best.items() if k in ("objective", "ari", "nmi") and v is not None
+        },
+        best_labels=labels,
+        best_embedding=emb,
+        best_config=best_cfg,
+        trials=trials,
+        path=str(path),
+    )
+
+
+def _close_orphans(setup: SweepSetup, trials: list[dict]) -> None:
+    """Child runs still RUNNING after the sweep (a trial ASHA stopped, or one that errored)
+    are closed: KILLED when stopped early, FAILED on error. None stays RUNNING."""
+    client = _client(setup.mlflow_uri)
+    status = {t["trial_id"]: t for t in trials}
+    runs = client.search_runs(
+        [setup.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{setup.parent_run_id}'"
+    )
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        t = status.get(run.data.tags.get("cicl.trial_id"))
+        client.set_terminated(run.info.run_id, "FAILED" if (t and t["error"]) else "KILLED")
+
+
+def _sweep_artifacts(
+    setup: SweepSetup, space: Space, k_est: int, trials: list[dict], best: dict, path: Path
+) -> None:
+    """Trials table, best trial, Optuna parameter importances and parallel coordinates."""
+    import pandas as pd
+
+    art = path / "sweep_artifacts"
+    art.mkdir(exist_ok=True)
+    rows = [
+        {
+            **{f"param.{k}": v for k, v in t["params"].items()},
+            **{k: v for k, v in t.items() if k != "params"},
+        }
+        for t in trials
+    ]
+    pd.DataFrame(rows).to_csv(art / "trials.csv", index=False)
+    (art / "best_trial.json").write_text(json.dumps(best, default=str, indent=1))
+    try:
+        _optuna_plots(space, k_est, setup.x.shape[0], trials, art)
+    except Exception as exc:  # noqa: BLE001 - plots never fail a sweep
+        (art / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}")
+    _client(setup.mlflow_uri).log_artifacts(setup.parent_run_id, str(art))
+
+
+def _optuna_plots(space: Space, k_est: int, n: int, trials: list[dict], art: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = {}
+    for key, d in space.params.items():
+        t = d["type"]
+        if t in ("loguniform", "uniform"):
+            dists[key] = FloatDistribution(float(d["low"]), float(d["high"]), log=t == "loguniform")
+        elif t == "int":
+            dists[key] = IntDistribution(int(d["low"]), int(d["high"]))
+        elif t == "choice":
+            dists[key] = CategoricalDistribution(list(d["values"]))
+        else:
+            lo, hi = k_range(d, k_est, n)
+            dists[key] = IntDistribution(lo, hi)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for t in trials:
+        if t["finished"] and t["objective"] is not None:
+            params = {
+                k: (v.item() if hasattr(v, "item") else v)
+                for k, v in t["params"].items()
+                if k in dists
+            }
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params, distributions=dists, value=float(t["objective"])
+                )
+            )
+    if len(study.trials) < 2:
+        return
+    imp = optuna.importance.get_param_importances(study)
+    (art / "param_importance.json").write_text(json.dumps(imp, indent=1))
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(imp) + 1.5))
+    ax.barh(list(imp)[::-1], list(imp.values())[::-1])
+    ax.set_xlabel("importance for the objective (fANOVA)")
+    ax.set_title("Optuna parameter importance")
+    fig.tight_layout()
+    fig.savefig(art / "param_importance.png", dpi=110)
+    plt.close(fig)
+    from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+    ax = plot_parallel_coordinate(study)
+    ax.figure.set_size_inches(10, 5)
+    ax.figure.tight_layout()
+    ax.figure.savefig(art / "parallel_coordinates.png", dpi=110)
+    plt.close(ax.figure)
+
+
+def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any, str]:
+    """Trial runs of an experiment (the latest one if not named) as a DataFrame, and its name."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    client = _client(uri)
+    exps = [e for e in client.search_experiments() if e.name != "Default"]
+    if not exps:
+        raise CICLError(f"No experiments in {uri}. Run `cicl tune` first.")
+    if experiment is None:
+        experiment = max(exps, key=lambda e: e.creation_time or 0).name
+    elif experiment not in {e.name for e in exps}:
+        raise CICLError(
+            f"No experiment '{experiment}' in {uri}; have: {', '.join(e.name for e in exps)}."
+        )
+    df = mlflow.search_runs(experiment_names=[experiment])
+    if df.empty:
+        return df, experiment
+    parent_col = "tags.mlflow.parentRunId"
+    children = df[df[parent_col].notna()] if parent_col in df else df
+    params = [c for c in children.columns if c.startswith("params.search.")]
+    varied = [c for c in params if children[c].nunique(dropna=True) > 1]
+    out = pd.DataFrame({"run": children.get("tags.mlflow.runName"), "status": children["status"]})
+    for c in varied:
+        out[c.removeprefix("params.search.")] = children[c]
+    for m in ("objective", "ari", "nmi"):
+        col = f"metrics.final_{m}"
+        if col in children:
+            out[m] = children[col].round(4)
+    dur = (children["end_time"] - children["start_time"]).dt.total_seconds()
+    out["seconds"] = dur.round(1)
+    key = sort or "objective"
+    if key in out:
+        out = out.sort_values(key, ascending=False, na_position="last")
+    return out.reset_index(drop=True), experiment
+
+
+def mlflow_ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
