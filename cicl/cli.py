@@ -515,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_runs(args)
         return cmd_config(args)
     except (CICLError, ConfigError) as exc:
+        from cicl.sweep import SweepInterrupted
+
+        if isinstance(exc, SweepInterrupted):
+            print(f"interrupted: {exc}", file=sys.stderr)
+            return 130
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

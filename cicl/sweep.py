@@ -286,7 +286,6 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
             setup.objective, res.labels, setup.pcs, res.embedding, setup.truth
         ),
         "n_clusters": float(k),
-        "final": 1.0,
     }
     if setup.truth is not None:
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -299,7 +298,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     np.save(trial_dir / "embedding.npy", res.embedding)
     _trial_artifacts(setup, cfg, res, run_id, trial_dir, result)
     client.set_terminated(run_id, "FINISHED")
-    ray.tune.report({**final, "trial_dir": str(trial_dir)})
+    ray.tune.report({**final, "final": 1.0, "trial_dir": str(trial_dir)})
 
 
 def _trial_artifacts(
@@ -499,7 +498,19 @@ def run_sweep(
             ),
         )
     grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < opts.trials:  # Ctrl-C: Tune saved its state
+        trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "error": r.error} for r in grid]
+        _close_orphans(setup, trials)
+        _client(uri).set_terminated(parent, "KILLED")
+        raise SweepInterrupted(
+            f"Sweep '{experiment}' interrupted after {grid.num_terminated} of {opts.trials} "
+            f"trials. Continue it with: cicl tune ... --resume --experiment {experiment}"
+        )
     return _finish(grid, setup, space, k_est, experiment, path, opts)
+
+
+class SweepInterrupted(CICLError):
+    """The sweep stopped early (Ctrl-C); its state is saved for ``--resume``."""
 
 
 def _experiment_name(sweeps: Path, hint: str, resume: bool) -> str:
@@ -562,7 +573,7 @@ def _finish(
     labels, emb = np.load(tdir / "labels.npy"), np.load(tdir / "embedding.npy")
     best_cfg = trial_config(setup.base, space, best["params"])
     metrics = {f"best_{k}": best[k] for k in ("objective", "ari", "nmi") if best[k] is not None}
-    metrics["trials_finished"] = sum(t["finished"] for t in trials)
+    metrics["trials_finished"] = float(sum(t["finished"] for t in trials))
     log_metrics(setup.mlflow_uri, setup.parent_run_id, metrics, 0)
     client.set_tag(setup.parent_run_id, "cicl.best_trial", str(best["trial_id"]))
     _sweep_artifacts(setup, space, k_est, trials, best, path)

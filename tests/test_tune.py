@@ -1,0 +1,160 @@
+"""Sweeps for real: local Ray on 2 CPUs, Ray Train trials, Optuna, ASHA, an MLflow sqlite store;
+the runs, params, metrics and artifacts it leaves; `cicl runs`; Ctrl-C and --resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _runs(root: Path, experiment: str):
+    c = _client(root)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return c, parents, children
+
+
+def _tune_args(data_dir: Path, root: Path, experiment: str, trials: int = 3) -> list[str]:
+    return [
+        "tune",
+        str(data_dir / "biase.h5ad"),
+        "--trials",
+        str(trials),
+        "--space",
+        "small",
+        "--label-key",
+        "cell_type",
+        "--root",
+        str(root),
+        "--experiment",
+        experiment,
+        "--concurrent",
+        "2",
+        "--json",
+    ]
+
+
+@pytest.fixture(scope="module")
+def sweep(data_dir, tmp_path_factory):
+    """One real 3-trial sweep (CLI, in a subprocess like a user would run it)."""
+    root = tmp_path_factory.mktemp("tune")
+    out = root / "best.h5ad"
+    cmd = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, root, "s3")]
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out, proc
+
+
+def test_sweep_leaves_one_parent_and_a_child_per_trial(sweep):
+    root, _, _ = sweep
+    c, parents, children = _runs(root, "s3")
+    assert len(parents) == 1 and len(children) == 3
+    assert all(r.info.status == "FINISHED" for r in children + parents)
+    for r in children:
+        p = r.data.params
+        assert "loss.temperature" in p and "search.cluster.n_clusters" in p  # flattened config
+        m = r.data.metrics
+        for key in ("final_objective", "final_ari", "final_nmi", "objective", "loss"):
+            assert key in m, key
+        assert len(c.get_metric_history(r.info.run_id, "loss")) >= 2  # per round
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "labels.csv", "checkpoint.pt", "umap_curves.png"} <= arts
+    parent = parents[0]
+    assert {"best_objective", "best_ari", "trials_finished"} <= set(parent.data.metrics)
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_trial.json", "param_importance.png"} <= arts
+    assert "parallel_coordinates.png" in arts
+
+
+def test_sweep_writes_the_best_labelling(sweep):
+    import json
+
+    import anndata as ad
+
+    root, out, proc = sweep
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    a = ad.read_h5ad(out)
+    assert a.obs["cicl"].nunique() == summary["best_params"]["cluster.n_clusters"]
+    assert a.uns["cicl"]["n_clusters_source"] == "sweep s3"
+    # the best is chosen by the label-free objective, never by ARI
+    c, _, children = _runs(root, "s3")
+    best = max(children, key=lambda r: r.data.metrics["final_objective"])
+    assert abs(best.data.metrics["final_objective"] - summary["best_objective"]) < 1e-9
+
+
+def test_cicl_runs_table(sweep, capsys):
+    from cicl.cli import main
+
+    root, _, _ = sweep
+    assert main(["runs", "--root", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "experiment s3: 3 trial runs" in text
+    assert text.count("trial-") == 3 and "FINISHED" in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in text
+
+
+def test_runs_without_store_is_a_clear_error(tmp_path, capsys):
+    from cicl.cli import main
+
+    assert main(["runs", "--root", str(tmp_path)]) == 2
+    assert "No MLflow store" in capsys.readouterr().err
+
+
+def test_supervised_objective_needs_labels(data_dir, tmp_path, capsys):
+    from cicl.cli import main
+
+    rc = main(["tune", str(data_dir / "biase.h5ad"), "--objective", "ari", "--root", str(tmp_path)])
+    assert rc == 2 and "--label-key" in capsys.readouterr().err
+
+
+def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path):
+    """Ctrl-C after the first finished trial, then --resume: 3 trials, exactly one MLflow child
+    run each, none RUNNING, the finished trial not rerun."""
+    args = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, tmp_path, "rs")]
+    args[args.index("--concurrent") + 1] = "1"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 600
+    first = None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(3)
+        if db.exists():
+            try:
+                _, _, children = _runs(tmp_path, "rs")
+            except Exception:  # noqa: BLE001 - store being created
+                continue
+            done = [r for r in children if r.info.status == "FINISHED"]
+            if done:
+                first = done[0]
+                break
+    assert first is not None, "no trial finished before the deadline"
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    _, _, children = _runs(tmp_path, "rs")
+    assert len(children) < 3 or any(r.info.status != "FINISHED" for r in children)
+    assert all(r.info.status != "RUNNING" for r in children)
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c, parents, children = _runs(tmp_path, "rs")
+    ids = [r.data.tags["cicl.trial_id"] for r in children]
+    assert len(children) == 3 and len(set(ids)) == 3
+    assert all(r.info.status == "FINISHED" for r in children + parents)
+    again = c.get_run(first.info.run_id)
+    assert again.info.end_time == first.info.end_time  # the finished trial was not rerun
