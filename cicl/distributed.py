@@ -220,11 +220,6 @@ def _reporter(rank: int, config: dict[str, Any]):
 
     def on_round(rec: dict, state: dict) -> None:
         metrics = {k: float(v) for k, v in rec.items()}
-        if rank == 0 and config.get("mlflow"):  # per-round curves in the trial's MLflow run
-            from cicl.sweep import log_metrics
-
-            uri, run_id = config["mlflow"]
-            log_metrics(uri, run_id, metrics, int(rec["epoch"]))
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(state, Path(tmp) / STATE_FILE)

@@ -139,6 +139,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if not uri.startswith("sqlite:"):  # a tracking server decides where artifacts go
+        return client.create_experiment(name)
     artifact_root.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
 
@@ -206,6 +208,20 @@ class SweepSetup:
     plots: bool = True
 
 
+def _round_logger(uri: str, run_id: str):
+    """A Ray Train callback that logs rank 0's per-round metrics to the trial's MLflow run.
+    It runs in the Train controller, which Ray pins to the trial driver's node (the head on a
+    cluster), so an MLflow server bound to the head's 127.0.0.1 is reachable."""
+    from ray.train import UserCallback
+
+    class MLflowRounds(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics:
+                log_metrics(uri, run_id, metrics[0], int(metrics[0].get("epoch", 0)))
+
+    return MLflowRounds()
+
+
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """Tune function trainable: one Ray Train run of CICL with this trial's params."""
     import ray
@@ -254,7 +270,6 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         "threads": max(1, int(setup.cpus_per_worker)),
         "objective": setup.objective,
         "truth": truth_shards,
-        "mlflow": (setup.mlflow_uri, run_id),
         "fail_at_epoch": None,
         "marker": str(trial_dir / "failed_once"),
     }
@@ -276,7 +291,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
             storage_path=str(Path(setup.storage) / "train"),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=2),
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback(), _round_logger(setup.mlflow_uri, run_id)],
         ),
     )
     result = trainer.fit()
