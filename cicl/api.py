@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,11 @@ def fit(
         res = train(prep.x, prep.pcs, k, cfg, progress=progress)
     n_workers = ray_options.workers if ray_options is not None else 1
     seconds = time.perf_counter() - t0
-    write_result(adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers)
+    for w in prep.info.get("warnings", []):
+        warnings.warn(w, UserWarning, stacklevel=2)
+    write_result(
+        adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers, prep.cell_mask
+    )
     return adata if copy else None
 
 
@@ -98,11 +103,19 @@ def write_result(
     key_added: str,
     seconds: float,
     workers: int = 1,
+    cell_mask: np.ndarray | None = None,
 ) -> None:
-    labels = res.labels.astype(int)
+    """Write labels/embedding/uns; cells outside ``cell_mask`` (dropped by preprocessing) get
+    a missing label and a NaN embedding row."""
+    n = adata.n_obs
+    mask = np.ones(n, dtype=bool) if cell_mask is None else np.asarray(cell_mask, dtype=bool)
+    codes = np.full(n, -1, dtype=int)
+    codes[mask] = res.labels.astype(int)
     cats = [str(i) for i in range(k)]
-    adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
-    adata.obsm[embedding_key(key_added)] = res.embedding.astype(np.float32)
+    adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=cats)
+    emb = np.full((n, res.embedding.shape[1]), np.nan, dtype=np.float32)
+    emb[mask] = res.embedding
+    adata.obsm[embedding_key(key_added)] = emb
     adata.uns[key_added] = {
         "params": _h5_safe(cfg.to_dict()),
         "preprocess": _h5_safe(prep_info),
@@ -128,9 +141,12 @@ def _h5_safe(d: Any) -> Any:
 
 
 def score(labels: np.ndarray, truth: pd.Series) -> dict[str, float]:
-    """ARI and NMI against a label column: reported only, never used to choose anything."""
+    """ARI and NMI against a label column: reported only, never used to choose anything.
+    Cells without a label (dropped by preprocessing) are left out."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    keep = ~pd.isna(np.asarray(labels, dtype=object))
+    labels, truth = np.asarray(labels)[keep], np.asarray(truth)[keep]
     return {
         "ari": float(adjusted_rand_score(truth, labels)),
         "nmi": float(normalized_mutual_info_score(truth, labels)),

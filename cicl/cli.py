@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -248,27 +249,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
             )
         if adata.obs[args.label_key].isna().any():
             raise CICLError(f"--label-key '{args.label_key}' has missing values.")
-    fit(
-        adata,
-        k,
-        config=cfg,
-        layer=args.layer,
-        key_added=args.key_added,
-        progress=not args.quiet and sys.stderr.isatty(),
-        ray_options=ray_opts,
-    )
-    info = adata.uns[args.key_added]
-    result: dict[str, Any] = {
-        "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
-        "values": info["preprocess"]["values"],
-        "n_clusters": int(info["n_clusters"]),
-        "n_clusters_source": info["n_clusters_source"],
-        "epochs": int(info["epochs"]),
-        "steps": int(info["steps"]),
-        "workers": int(info["workers"]),
-    }
+    with warnings.catch_warnings():  # preprocessing warnings are printed as one line each
+        warnings.simplefilter("ignore")
+        fit(
+            adata,
+            k,
+            config=cfg,
+            layer=args.layer,
+            key_added=args.key_added,
+            progress=not args.quiet and sys.stderr.isatty(),
+            ray_options=ray_opts,
+        )
+    for w in adata.uns[args.key_added]["preprocess"].get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    result = _result(adata.uns[args.key_added], adata.n_obs, adata.n_vars)
     if args.label_key is not None:
         result.update(score(adata.obs[args.key_added].to_numpy(), adata.obs[args.label_key]))
     write_h5ad_atomic(adata, out)
@@ -309,18 +303,8 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float) -> int:
         key_added=args.key_added,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    result: dict[str, Any] = {
-        "n_cells": int(info["preprocess"]["n_cells"]),
-        "n_genes": int(info["preprocess"]["n_genes_input"]),
-        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
-        "values": info["preprocess"]["values"],
-        "n_clusters": int(info["n_clusters"]),
-        "n_clusters_source": info["n_clusters_source"],
-        "epochs": int(info["epochs"]),
-        "steps": int(info["steps"]),
-        "workers": int(info["workers"]),
-        "streamed": True,
-    }
+    pre = info["preprocess"]
+    result = {**_result(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
     res = ad.read_h5ad(out, backed="r")
     if args.label_key is not None:
         result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))
@@ -331,6 +315,21 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
+    """The summary/--json fields of a fit, from its ``uns`` entry."""
+    return {
+        "n_cells": int(n_cells),
+        "n_genes": int(n_genes),
+        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
+        "values": info["preprocess"]["values"],
+        "n_clusters": int(info["n_clusters"]),
+        "n_clusters_source": info["n_clusters_source"],
+        "epochs": int(info["epochs"]),
+        "steps": int(info["steps"]),
+        "workers": int(info["workers"]),
+    }
 
 
 def _summary(obs, key: str, r: dict[str, Any]) -> None:
@@ -410,6 +409,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         truth = adata.obs[args.label_key].astype(str).to_numpy()
     base = load_config(None, {})
     prep = preprocess(adata, base.preprocess)
+    for w in prep.info.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    if truth is not None:
+        truth = truth[prep.cell_mask]
     k_est, source = _choose_k(base, prep.pcs)
     opts = SweepOptions(
         trials=trials,

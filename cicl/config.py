@@ -22,14 +22,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    n_top_genes: int = 2000  # HVG count; all genes are kept when there are fewer
+    # HVG count; None = 2000, or all genes when there are fewer. An explicit count larger
+    # than the number of genes is refused.
+    n_top_genes: int | None = None
+    # what X holds: "auto" detects it; "counts" etc. insist (and refuse X that is not)
+    values: Literal["auto", "counts", "unlogged", "log", "scaled"] = "auto"
     scale: bool = True  # z-score genes, clipped at max_value
     max_value: float = 10.0
     n_pcs: int = 50  # PCA used for the kNN graph, gene tokens and K estimation
     min_genes: int = 0  # drop cells with fewer expressed genes (0 = keep all)
 
     def __post_init__(self) -> None:
-        _check(self.n_top_genes >= 2, "preprocess.n_top_genes must be >= 2")
+        _check(
+            self.n_top_genes is None or self.n_top_genes >= 2, "preprocess.n_top_genes must be >= 2"
+        )
         _check(self.n_pcs >= 2, "preprocess.n_pcs must be >= 2")
 
 

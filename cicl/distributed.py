@@ -128,14 +128,47 @@ def fit_ray(
     return res
 
 
+def build_trainer(
+    fn,
+    loop_config: dict,
+    *,
+    workers: int,
+    resources: dict[str, float],
+    name: str,
+    storage: Path,
+    max_failures: int = 2,
+    keep: int = 2,
+    callbacks: list | None = None,
+):
+    """A ``TorchTrainer`` running ``fn`` on ``workers`` ranks (NCCL when ``resources`` asks for
+    GPUs, else gloo), keeping the last ``keep`` per-round checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=bool(resources.get("GPU")),
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
 def _run_trainer(
     fn, loop_config: dict, opts: RayOptions, storage: Path, name: str, out_dir: Path
 ) -> None:
     """Build and fit the TorchTrainer: fractional CPUs where the cluster is small, GPUs when
     asked (NCCL then), checkpoints kept per round, lost workers restarted from the last one."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     total_cpu = float(ray.cluster_resources().get("CPU", 1.0))
     cpus = opts.cpus_per_worker or max(0.25, min(1.0, total_cpu / opts.workers))
@@ -150,20 +183,14 @@ def _run_trainer(
         "fail_at_epoch": opts.fail_at_epoch,
         "marker": str(storage / name / "failed_once"),
     }
-    trainer = TorchTrainer(
+    trainer = build_trainer(
         fn,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=opts.workers,
-            use_gpu=bool(opts.gpus_per_worker),
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=opts.max_failures),
-        ),
+        loop_config,
+        workers=opts.workers,
+        resources=resources,
+        name=name,
+        storage=storage,
+        max_failures=opts.max_failures,
     )
     trainer.fit()
 
@@ -180,8 +207,12 @@ def _collect(out_dir: Path, parts: list[np.ndarray], n: int) -> TrainResult:
             if emb is None:
                 emb = np.empty((n, d["embedding"].shape[1]), dtype=np.float32)
             emb[p] = d["embedding"]
-    meta = json.loads((out_dir / "meta.json").read_text())
     assert emb is not None
+    return _from_meta(out_dir, labels, emb)
+
+
+def _from_meta(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResult:
+    meta = json.loads((out_dir / "meta.json").read_text())
     return TrainResult(
         embedding=emb,
         labels=labels,
@@ -189,6 +220,7 @@ def _collect(out_dir: Path, parts: list[np.ndarray], n: int) -> TrainResult:
         history=meta["history"],
         epochs=meta["epochs"],
         steps=meta["steps"],
+        timings=meta.get("timings", {}),
     )
 
 
@@ -340,20 +372,12 @@ def fit_ray_stream(
         if emb is None:
             emb = np.empty((setup.n_cells, e.shape[1]), dtype=np.float32)
         labels[a:b], emb[a:b] = lab, e
-    meta = json.loads((out_dir / "meta.json").read_text())
     assert emb is not None
     if progress:
         print(f"Ray Train (streaming): {opts.workers} workers, run '{name}' under {storage}")
-    return TrainResult(
-        embedding=emb,
-        labels=labels,
-        centroids=np.asarray(meta["centroids"], dtype=np.float32),
-        history=meta["history"],
-        epochs=meta["epochs"],
-        steps=meta["steps"],
-        seconds=time.perf_counter() - t0,
-        timings=meta.get("timings", {}),
-    )
+    res = _from_meta(out_dir, labels, emb)
+    res.seconds = time.perf_counter() - t0
+    return res
 
 
 def _stream_worker_loop(config: dict[str, Any]) -> None:

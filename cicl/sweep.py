@@ -226,8 +226,6 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """Tune function trainable: one Ray Train run of CICL with this trial's params."""
     import ray
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cicl.distributed import _collect, model_init, shard_indices
@@ -276,23 +274,17 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     resources = {"CPU": setup.cpus_per_worker}
     if setup.gpus_per_worker:
         resources["GPU"] = setup.gpus_per_worker
-    from cicl.distributed import _worker_loop
+    from cicl.distributed import _worker_loop, build_trainer
 
-    trainer = TorchTrainer(
+    trainer = build_trainer(
         _worker_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=setup.workers,
-            use_gpu=bool(setup.gpus_per_worker),
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(
-            name=f"train-trial_id={trial_id}",
-            storage_path=str(Path(setup.storage) / "train"),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=2),
-            callbacks=[TuneReportCallback(), _round_logger(setup.mlflow_uri, run_id)],
-        ),
+        loop_config,
+        workers=setup.workers,
+        resources=resources,
+        name=f"train-trial_id={trial_id}",
+        storage=Path(setup.storage) / "train",
+        keep=1,
+        callbacks=[TuneReportCallback(), _round_logger(setup.mlflow_uri, run_id)],
     )
     result = trainer.fit()
     res = _collect(out_dir, parts, setup.x.shape[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -41,18 +42,22 @@ def read_input(path: str | Path) -> ad.AnnData:
             "Give an .h5ad, 10x .h5, .loom, .csv/.tsv file or a 10x matrix folder."
         )
     try:
-        if kind == "h5ad":
-            adata = ad.read_h5ad(p)
-        elif kind == "10x_h5":
-            adata = sc.read_10x_h5(p)
-        elif kind == "loom":
-            adata = sc.read_loom(p)
-        elif kind in ("csv", "tsv"):
-            adata = sc.read_csv(
-                p, delimiter="," if kind == "csv" else "\t", first_column_names=True
-            )
-        else:
-            adata = sc.read_10x_mtx(p if p.is_dir() else p.parent)
+        with warnings.catch_warnings():  # readers' warnings (duplicate names...) become our errors
+            warnings.simplefilter("ignore")
+            if kind == "h5ad":
+                adata = ad.read_h5ad(p)
+            elif kind == "10x_h5":
+                adata = sc.read_10x_h5(p)
+            elif kind == "loom":
+                adata = sc.read_loom(p)
+            elif kind in ("csv", "tsv"):
+                adata = sc.read_csv(
+                    p, delimiter="," if kind == "csv" else "\t", first_column_names=True
+                )
+            else:
+                adata = sc.read_10x_mtx(p if p.is_dir() else p.parent)
+            if kind in ("10x_h5", "10x_mtx", "loom"):  # gene symbols repeat here: scanpy's fix
+                adata.var_names_make_unique()
     except Exception as exc:  # noqa: BLE001 - any reader failure is the same user problem
         raise InputError(
             f"Could not read '{p}' as {kind}: {type(exc).__name__}: {exc}. "
@@ -81,6 +86,16 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None) -> None:
         )
     if adata.n_obs < 10:
         raise InputError(f"Only {adata.n_obs} cells: clustering needs at least 10.")
+    for axis, names, fix in (
+        ("cell", adata.obs_names, "obs_names_make_unique"),
+        ("gene", adata.var_names, "var_names_make_unique"),
+    ):
+        if not names.is_unique:
+            dup = names[names.duplicated()]
+            raise InputError(
+                f"{len(dup)} duplicate {axis} names (e.g. '{dup[0]}'). Make them unique first, "
+                f"e.g. adata.{fix}() in Python, then save and rerun."
+            )
 
 
 def write_h5ad_atomic(adata: ad.AnnData, out: str | Path) -> None:

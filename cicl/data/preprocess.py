@@ -15,6 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
+from cicl.errors import InputError
 
 ValueKind = Literal["counts", "unlogged", "log", "scaled"]
 
@@ -64,15 +65,27 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     work = ad.AnnData(X=X)
     work.var_names = np.asarray(adata.var_names).astype(str)
     work.obs_names = np.asarray(adata.obs_names).astype(str)
-    kind = detect_values(work.X)
-    steps: list[str] = []
+    kind = _values_kind(work.X, cfg.values)
+    steps: list[str] = [] if cfg.values == "auto" else [f"values declared '{cfg.values}'"]
+    warnings: list[str] = []
 
-    cell_mask = np.ones(work.n_obs, dtype=bool)
-    if cfg.min_genes > 0:
-        n_expr = np.asarray((work.X > 0).sum(axis=1)).ravel()
-        cell_mask = n_expr >= cfg.min_genes
+    n_expr = np.asarray((work.X != 0).sum(axis=1)).ravel()
+    cell_mask = n_expr >= max(1, cfg.min_genes)
+    if not cell_mask.any():
+        raise InputError(
+            "No cell has any expressed gene"
+            + (f" (min_genes={cfg.min_genes})" if cfg.min_genes else "")
+            + ": X is all zeros. Check that the expression matrix is the one you meant."
+        )
+    if not cell_mask.all():
+        n_drop = int((~cell_mask).sum())
+        why = "all-zero" if cfg.min_genes <= 1 else f"fewer than {cfg.min_genes} genes"
+        msg = f"dropped {n_drop} cells with {why} expression (left unlabelled in the output)"
+        warnings.append(msg)
+        steps.append(msg)
         work = work[cell_mask].copy()
-        steps.append(f"kept {int(cell_mask.sum())} cells with >= {cfg.min_genes} genes")
+    if work.n_obs < 10:
+        raise InputError(f"Only {work.n_obs} cells with expression: clustering needs at least 10.")
 
     if kind == "counts":
         sc.pp.normalize_total(work, target_sum=1e4)
@@ -93,18 +106,29 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     keep = var > 1e-12
     if not keep.all():
         work = work[:, keep].copy()
-        steps.append(f"dropped {int((~keep).sum())} constant genes")
-    if kind != "scaled" and work.n_vars > cfg.n_top_genes:
-        sc.pp.highly_variable_genes(work, n_top_genes=cfg.n_top_genes, flavor="seurat")
+        msg = f"dropped {int((~keep).sum())} constant (e.g. all-zero) genes"
+        steps.append(msg)
+        if (~keep).sum() > 0.5 * len(keep):
+            warnings.append(msg)
+    if work.n_vars < 2:
+        raise InputError(f"Only {work.n_vars} genes vary across cells; nothing to cluster on.")
+    n_top = cfg.n_top_genes or 2000
+    if cfg.n_top_genes is not None and cfg.n_top_genes > work.n_vars:
+        raise InputError(
+            f"preprocess.n_top_genes={cfg.n_top_genes} but only {work.n_vars} genes vary. "
+            f"Ask for at most {work.n_vars} (or leave it unset to use all genes)."
+        )
+    if kind != "scaled" and work.n_vars > n_top:
+        sc.pp.highly_variable_genes(work, n_top_genes=n_top, flavor="seurat")
         work = work[:, work.var["highly_variable"].to_numpy()].copy()
-        steps.append(f"highly_variable_genes(n_top_genes={cfg.n_top_genes}, flavor='seurat')")
-    elif kind == "scaled" and work.n_vars > cfg.n_top_genes:
+        steps.append(f"highly_variable_genes(n_top_genes={n_top}, flavor='seurat')")
+    elif kind == "scaled" and work.n_vars > n_top:
         v = np.asarray(work.X.toarray().var(axis=0))
-        top = np.sort(np.argsort(-v)[: cfg.n_top_genes])
+        top = np.sort(np.argsort(-v)[:n_top])
         work = work[:, top].copy()
-        steps.append(f"top {cfg.n_top_genes} genes by variance")
+        steps.append(f"top {n_top} genes by variance")
     else:
-        steps.append(f"kept all {work.n_vars} genes (<= n_top_genes={cfg.n_top_genes})")
+        steps.append(f"kept all {work.n_vars} genes (<= n_top_genes={n_top})")
 
     x = work.X.toarray().astype(np.float32)
     mu = sd = None
@@ -123,6 +147,7 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         "n_genes_input": int(n_genes_in),
         "n_genes_used": int(x.shape[1]),
         "n_pcs": n_pcs,
+        "warnings": warnings,
     }
     return Prepared(
         x=x,
@@ -135,6 +160,40 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         pca_mean=x.mean(0),
         pca_components=comps,
     )
+
+
+def _values_kind(X, declared: str) -> ValueKind:
+    """What X holds: detected, or declared and checked. Negative values are accepted only
+    as z-scored data (per-gene means near 0); anything else negative is refused."""
+    v = _values(X)
+    detected = detect_values(X)
+    if detected == "scaled" and not _looks_scaled(X):
+        raise InputError(
+            f"X has negative values (min {float(v.min()):.3g}) but is not z-scored per gene. "
+            "Give raw counts or log-normalised values (e.g. --layer counts)."
+        )
+    if declared == "auto":
+        return detected
+    if declared == "counts" and detected != "counts":
+        raise InputError(
+            "preprocess.values=counts, but X holds non-integer or negative values. Give raw "
+            "counts (e.g. --layer counts) or leave preprocess.values at auto."
+        )
+    if declared in ("log", "unlogged") and detected == "scaled":
+        raise InputError(f"preprocess.values={declared}, but X has negative values.")
+    return declared  # type: ignore[return-value]
+
+
+def _looks_scaled(X, max_genes: int = 2000) -> bool:
+    """Z-scored data: most genes have a mean near 0 relative to their spread."""
+    d = X[: min(X.shape[0], 5000)]
+    d = d.toarray() if sp.issparse(d) else np.asarray(d)
+    d = d[:, : min(d.shape[1], max_genes)].astype(np.float64)
+    mu, sd = d.mean(0), d.std(0)
+    ok = sd > 0
+    if not ok.any():
+        return False
+    return float(np.median(np.abs(mu[ok]) / sd[ok])) < 0.2
 
 
 def _pca(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
