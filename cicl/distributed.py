@@ -78,21 +78,21 @@ def shard_indices(n: int, world: int, seed: int) -> list[np.ndarray]:
     return [np.sort(b) for b in np.array_split(perm, world)]
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` or start a local Ray whose dashboard listens on 127.0.0.1."""
+def ensure_ray(address: str | None = None):
+    """Connect to ``address`` or start a local Ray whose dashboard listens on 127.0.0.1.
+    Returns Ray's context (None when Ray was already up)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=max(2, os.cpu_count() or 1),
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            include_dashboard=True,
-        )
+        return ray.init(address=address, log_to_driver=False)
+    return ray.init(
+        num_cpus=max(2, os.cpu_count() or 1),
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        include_dashboard=True,
+    )
 
 
 def fit_ray(

@@ -45,8 +45,12 @@ def test_two_workers_on_real_data(pollen, local_ray, tiny_cfg, tmp_path):
     assert adjusted_rand_score(y, res.labels) > 0.6
     assert res.history and res.history[-1]["epoch"] == 6
     # per-round checkpoints reported through ray.train.report, the last two kept
-    ckpts = sorted(p.name for p in (tmp_path).glob("*/checkpoint_epoch=*"))
-    assert ckpts[-1].endswith("00006") and len(ckpts) == 2
+    ckpts = sorted((tmp_path).glob("*/checkpoint_epoch=*"))
+    assert ckpts[-1].name.endswith("00006") and len(ckpts) == 2
+    import torch
+
+    state = torch.load(ckpts[-1] / "state.pt", weights_only=True)  # no pickled code
+    assert state["epoch"] == 6 and state["rng_aug"].shape[0] == 2
 
 
 def test_lost_worker_resumes_to_the_same_labels(pollen, local_ray, tiny_cfg, tmp_path):
@@ -152,3 +156,16 @@ def test_two_workers_streaming_from_disk(data_dir, local_ray, tmp_path):
     shards = tmp_path / "ray" / "st" / "shards"
     assert np.load(shards / "rank0_labels.npy").shape == (2000,)
     assert list((tmp_path / "ray" / "st").glob("checkpoint_epoch=*"))
+
+
+def test_local_ray_listens_on_loopback():
+    import ray
+
+    from cicl.distributed import ensure_ray
+
+    ray.shutdown()
+    try:
+        ctx = ensure_ray()
+        assert ctx.dashboard_url.startswith("127.0.0.1:")
+    finally:
+        ray.shutdown()

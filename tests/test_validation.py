@@ -199,3 +199,20 @@ def test_every_sparse_format_and_dtype(tmp_path, syn, fmt, dtype):
     from cicl.data.io import check_matrix
 
     check_matrix(a)
+
+
+def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, syn, monkeypatch):
+    from cicl.data.io import write_h5ad_atomic
+
+    out = tmp_path / "result.h5ad"
+    out.write_bytes(b"previous good result")
+
+    def dies_half_way(self, path, **kw):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        write_h5ad_atomic(syn, out)
+    assert out.read_bytes() == b"previous good result"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.h5ad"]
