@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-asha", action="store_true", help="run every trial to the end")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     t.add_argument("--json", action="store_true", help="print one JSON line with the best")
+    t.add_argument("--config", "-c", default=None, help="base YAML config for every trial")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="base config override"
+    )
 
     r = sub.add_parser("runs", help="compare the runs of a sweep (from MLflow)")
     r.add_argument("--experiment", default=None, help="default: the latest experiment")
@@ -393,7 +397,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     trials = _int_at_least("--trials", args.trials, 1)
     workers = _int_at_least("--workers-per-trial", args.workers_per_trial, 1)
     concurrent = _int_at_least("--concurrent", args.concurrent, 1)
-    load_space(args.space)  # fail fast on a bad space file
+    load_space(args.space)  # fail fast on a bad space file or config
+    base = load_config(args.config, _parse_set(args.set))
     out = check_output(args.input, args.out, args.force) if args.out else None
     if args.objective in ("ari", "nmi") and args.label_key is None:
         raise CICLError(f"--objective {args.objective} optimises against labels: give --label-key.")
@@ -407,7 +412,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if adata.obs[args.label_key].isna().any():
             raise CICLError(f"--label-key '{args.label_key}' has missing values.")
         truth = adata.obs[args.label_key].astype(str).to_numpy()
-    base = load_config(None, {})
     prep = preprocess(adata, base.preprocess)
     for w in prep.info.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
