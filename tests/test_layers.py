@@ -7,7 +7,8 @@ import sys
 def test_math_layer_imports_nothing_heavy():
     code = (
         "import sys; import cicl.model.losses, cicl.model.modules, cicl.model.augment, "
-        "cicl.cluster.kmeans, cicl.cluster.ward, cicl.train.loop; "
+        "cicl.cluster.kmeans, cicl.cluster.ward, cicl.train.loop, cicl.train.stream, "
+        "cicl.comm, cicl.objective; "
         "bad = [m for m in ('anndata', 'scanpy', 'ray', 'mlflow') if m in sys.modules]; "
         "print(','.join(bad))"
     )
