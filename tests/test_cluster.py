@@ -90,7 +90,7 @@ def _free_port() -> int:
 def _mlflow_command(db: Path, port: int) -> list[str]:
     """The head's MLflow server command, from cluster.yaml, with a local db path and port."""
     cmd = " ".join(_load()["head_setup_commands"][1].split())
-    cmd = cmd[cmd.index("mlflow server") :].split(">")[0]
+    cmd = re.search(r"nohup (mlflow server .*?) >", cmd).group(1)
     cmd = cmd.replace("sqlite:////home/ray/mlflow/mlflow.db", f"sqlite:///{db}")
     cmd = re.sub(
         r"--artifacts-destination \S+", f"--artifacts-destination {db.parent / 'art'}", cmd
