@@ -396,8 +396,7 @@ def _stream_worker_loop(config: dict[str, Any]) -> None:
     src = H5adSource(setup.path, a, b, setup.transform)
     out = Path(config["out_dir"])
     lab_tmp, emb_tmp = out / f".rank{rank}_labels.npy", out / f".rank{rank}_embedding.npy"
-    dim = setup.n_genes_used  # placeholder until the first block tells the embedding width
-    files: dict[str, np.ndarray] = {}
+    files: dict[str, np.ndarray] = {}  # result memmaps, opened when the first block arrives
 
     def on_block(idx: np.ndarray, lab: np.ndarray, h: np.ndarray) -> None:
         if not files:
@@ -414,7 +413,7 @@ def _stream_worker_loop(config: dict[str, Any]) -> None:
         groups=setup.groups,
         pca_init=setup.pca_init,
         pca_stats=setup.pca_stats,
-        n_genes=dim,
+        n_genes=setup.n_genes_used,
         on_round=_reporter(rank, config),
         on_block=on_block,
         restore=restore,
