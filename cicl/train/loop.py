@@ -170,29 +170,36 @@ def train(
             comm=comm,
         )
 
-    def pseudo_labels(res: KMeansResult) -> tuple[torch.Tensor, torch.Tensor]:
+    pl_train = cfg.cluster.pseudo_label_mode == "train"
+
+    def pseudo_labels(
+        res: KMeansResult, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Clustering head: Student's t soft assignment of every cell to the round's centroids
-        (argmax = nearest centroid; the max probability is the confidence)."""
-        h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
+        (argmax = nearest centroid; the max probability is the confidence). ``h``: the round's
+        eval-mode embedding when already computed (train mode draws a fresh one)."""
+        if h is None or pl_train:
+            h = space(embed(model, xt, train_mode=pl_train))
         return student_t(h, res.centroids, cfg.cluster.alpha).max(1)
 
-    def recluster(prev: KMeansResult | None) -> KMeansResult:
-        h = space(embed(model, xt, train_mode=cfg.cluster.pseudo_label_mode == "train"))
+    def recluster(prev: KMeansResult | None) -> tuple[KMeansResult, torch.Tensor]:
+        h = space(embed(model, xt, train_mode=pl_train))
         res = cluster(h)
         if prev is not None:  # warm start from the previous round, keep whichever fits better
             warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
             if warm.inertia <= res.inertia:
                 res = warm
-        return res
+        return res, h
 
     history: list[dict] = []
+    h_round: torch.Tensor | None = None  # the last round's embedding, reused for pseudo-labels
     steps = 0
     start_epoch = 1
     if restore is None:
-        km = recluster(None)
+        km, h_round = recluster(None)
     else:
         km, history, steps, start_epoch = load_state(restore, model, opt, gen, comm, device)
-    conf_all, lab_all = pseudo_labels(km)
+    conf_all, lab_all = pseudo_labels(km, h_round)
     prev_labels = lab_all.clone()
     bar = _progress(epochs, progress and rank == 0, initial=start_epoch - 1)
     for epoch in range(start_epoch, epochs + 1):
@@ -220,8 +227,8 @@ def train(
             # official code: centroids fixed, pseudo-labels re-derived as the embedding moves
             conf_all, lab_all = pseudo_labels(km)
         if every is not None and (epoch % every == 0 or epoch == epochs):
-            km = recluster(km)
-            conf_all, lab_all = pseudo_labels(km)
+            km, h_round = recluster(km)
+            conf_all, lab_all = pseudo_labels(km, h_round)
         log_every = every or 5  # without reclustering, still record every 5 epochs (as the code)
         if epoch % log_every == 0 or epoch == epochs:
             rec = {
