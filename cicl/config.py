@@ -52,6 +52,9 @@ class ModelConfig:
     embed_dim: int = 32
     cell_token: bool = False  # CLS token += linear read-out of the whole profile (3-seed
     # benchmark: mean ARI 0.643 with it vs 0.651 without, goolam 0.68 vs 0.97; see README)
+    # embedding read-out: "cls" = the CLS token after attention; "tokens" = a linear map of
+    # every module token after attention (no pooling bottleneck; attention still mixes modules)
+    readout: Literal["cls", "tokens"] = "cls"
     pca_residual: bool = False  # h = PCA(x) + Transformer(x); Transformer branch starts small
     residual_init: float = 0.1  # initial scale of the Transformer branch's output layer
     # reference (official code): residual MLP blocks at width G, embedding dim = G

@@ -85,3 +85,19 @@ def test_augment_strengths():
         x, nbr, AugmentConfig(noise_std=0.0, mask_frac=0.0, neighbor_prob=1.0, neighbor_mix=0.25), g
     )
     assert torch.allclose(mixed, torch.full_like(x, 0.75))
+
+
+def test_token_readout_reads_every_module_after_attention():
+    """``readout="tokens"``: the embedding is a linear map of all module tokens (no CLS pooling
+    bottleneck), and attention still mixes modules before it (Q/K get gradient)."""
+    cfg = ModelConfig(
+        n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0, readout="tokens"
+    )
+    enc = GeneModuleTransformer(40, _groups(), cfg)
+    assert enc.out.in_features == 5 * 16
+    x = torch.randn(16, 40)
+    out = enc(x)
+    assert out.shape == (16, 8)
+    out.pow(2).sum().backward()
+    gq = enc.blocks.layers[0].self_attn.in_proj_weight.grad[:16].abs().sum()
+    assert gq > 0

@@ -99,7 +99,9 @@ class GeneModuleTransformer(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.embed_dim)
+        self.readout = cfg.readout
+        d_out = cfg.d_model * (t if cfg.readout == "tokens" else 1)
+        self.out = nn.Linear(d_out, cfg.embed_dim)
         self.embed_dim = cfg.embed_dim
         self.skip = pca_skip(n_genes, cfg, pca_init, self.out)
 
@@ -114,8 +116,9 @@ class GeneModuleTransformer(nn.Module):
         if self.cell_token is not None:
             cls = cls + self.cell_token(x)[:, None, :]
         h = torch.cat([cls, tok], dim=1)
-        h = self.blocks(h)
-        out = self.out(self.norm(h[:, 0]))
+        h = self.norm(self.blocks(h))
+        h = h[:, 1:].flatten(1) if self.readout == "tokens" else h[:, 0]
+        out = self.out(h)
         return out if self.skip is None else out + self.skip(x)
 
 
