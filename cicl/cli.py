@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-asha", action="store_true", help="run every trial to the end")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     t.add_argument("--json", action="store_true", help="print one JSON line with the best")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar over trials")
+    t.add_argument(
+        "--tune-tables", action="store_true", help="Ray Tune's own trial-status tables instead"
+    )
     t.add_argument("--config", "-c", default=None, help="base YAML config for every trial")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="base config override"
@@ -433,6 +437,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         address=args.address,
         seed=args.seed,
         asha=not args.no_asha,
+        progress=not (args.quiet or args.tune_tables),
+        tune_tables=args.tune_tables,
     )
     print(
         f"K estimate {k_est} ({source}); {trials} trials, space '{args.space}', "

@@ -14,6 +14,7 @@ explicit run id (no global active run shared between trials).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,8 @@ class SweepOptions:
     seed: int = 0
     asha: bool = True
     plots: bool = True
+    progress: bool = True  # one bar over trials (best objective so far) on stderr
+    tune_tables: bool = False  # Ray Tune's own periodic trial-status tables instead
 
 
 @dataclass
@@ -502,6 +505,8 @@ def run_sweep(
                 name="tuner",
                 storage_path=str(path),
                 failure_config=tune.FailureConfig(max_failures=1),
+                verbose=None if opts.tune_tables else 0,  # None: Tune's default tables
+                callbacks=[_trial_bar(opts.trials)] if opts.progress else None,
             ),
         )
     grid = tuner.fit()
@@ -514,6 +519,46 @@ def run_sweep(
             f"trials. Continue it with: cicl tune ... --resume --experiment {experiment}"
         )
     return _finish(grid, setup, space, k_est, experiment, path, opts)
+
+
+def _trial_bar(total: int):
+    """A Tune callback drawing one progress bar over trials on the driver: finished trials
+    (ASHA-stopped and errored ones count as done) and the best final objective. Replaces Tune's
+    periodic status tables, which repeat every trial's parameters many times per sweep."""
+    from ray import tune
+
+    class TrialBar(tune.Callback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.best: float | None = None
+
+        def setup(self, **info: Any) -> None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr)
+
+        def _done(self) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            obj = (trial.last_result or {}).get("objective")  # the trial's final report
+            if self.bar is not None and obj is not None and np.isfinite(obj):
+                self.best = obj if self.best is None else max(self.best, obj)
+                self.bar.set_postfix(best_objective=f"{self.best:.4f}")
+            self._done()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._done()
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+        def __getstate__(self) -> dict:  # Tune saves callbacks with its state: no live bar
+            return {"bar": None, "best": self.best}
+
+    return TrialBar()
 
 
 class SweepInterrupted(CICLError):

@@ -165,3 +165,12 @@ def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
     assert all(r.info.status == "FINISHED" for r in children + parents)
     again = c.get_run(first.info.run_id)
     assert again.info.end_time == first.info.end_time  # the finished trial was not rerun
+
+
+def test_sweep_shows_one_progress_bar_not_tune_tables(sweep):
+    """The driver shows a bar over trials (with the best final objective), not Ray Tune's
+    periodic trial-status tables (those stay available with --tune-tables)."""
+    _, _, proc = sweep
+    assert "trials: 100%" in proc.stderr and "3/3" in proc.stderr
+    assert "best_objective=" in proc.stderr
+    assert "Trial status" not in proc.stdout + proc.stderr
