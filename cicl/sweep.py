@@ -371,7 +371,7 @@ class SweepOptions:
     seed: int = 0
     asha: bool = True
     plots: bool = True
-    progress: bool = True  # one bar over trials (best objective so far) on stderr
+    progress: bool = True  # one bar over trials (best final objective so far) on stderr
     tune_tables: bool = False  # Ray Tune's own periodic trial-status tables instead
 
 
