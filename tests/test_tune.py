@@ -145,7 +145,11 @@ def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
             if done:
                 first = done[0]
                 break
-    assert first is not None, "no trial finished before the deadline"
+    if first is None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"no trial finished before the deadline (rc {proc.returncode}):\n{err[-3000:]}")
     if how == "ctrl-c":
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=300)
