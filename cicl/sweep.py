@@ -555,9 +555,6 @@ def _trial_bar(total: int):
             if self.bar is not None:
                 self.bar.close()
 
-        def __getstate__(self) -> dict:  # Tune saves callbacks with its state: no live bar
-            return {"bar": None, "best": self.best}
-
     return TrialBar()
 
 
