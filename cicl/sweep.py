@@ -129,14 +129,38 @@ def default_mlflow_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def _client(uri: str):
+_STORES_READY: set[str] = set()
+
+
+def mlflow_client(uri: str):
+    """An MLflow client whose store is ready to use.
+
+    MLflow creates and migrates a new SQLite store on its first use, and processes doing that
+    at once break each other's migration (three processes opening one fresh store together:
+    10 of 15 failed with "table already exists" / alembic errors), e.g. `cicl runs` or a test
+    polling while a sweep starts. So each process' first use of a SQLite store holds an
+    exclusive lock on the store's folder (no lock file is left behind).
+    """
+    import fcntl
+    import os
+
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _STORES_READY:
+        return MlflowClient(tracking_uri=uri)
+    fd = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates / migrates the tables
+    finally:
+        os.close(fd)  # releases the lock
+    _STORES_READY.add(uri)
+    return client
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -150,7 +174,7 @@ def find_or_create_run(
     uri: str, exp_id: str, tags: dict[str, str], name: str, parent: str | None = None
 ) -> tuple[str, bool]:
     """The run carrying ``tags`` (resume), else a new one. Returns (run id, created)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     found = client.search_runs([exp_id], filter_string=filt, max_results=1)
     if found:
@@ -165,7 +189,7 @@ def find_or_create_run(
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     items = [Param(k, str(v)[:500]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
@@ -181,7 +205,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
         if isinstance(v, (int, float, np.floating, np.integer, bool)) and np.isfinite(float(v))
     ]
     if items:
-        _client(uri).log_batch(run_id, metrics=items)
+        mlflow_client(uri).log_batch(run_id, metrics=items)
 
 
 # ---------------------------------------------------------------- the trial
@@ -241,7 +265,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         f"trial-{trial_id}",
         parent=setup.parent_run_id,
     )
-    client = _client(setup.mlflow_uri)
+    client = mlflow_client(setup.mlflow_uri)
     if created:
         log_params(
             setup.mlflow_uri,
@@ -315,7 +339,7 @@ def _trial_artifacts(
     """Config, labels table, model checkpoint, UMAP + curves figure."""
     import pandas as pd
 
-    client = _client(setup.mlflow_uri)
+    client = mlflow_client(setup.mlflow_uri)
     art = trial_dir / "artifacts"
     art.mkdir(exist_ok=True)
     cfg.to_yaml(art / "config.yaml")
@@ -513,7 +537,7 @@ def run_sweep(
     if grid.num_terminated + grid.num_errors < opts.trials:  # Ctrl-C: Tune saved its state
         trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "error": r.error} for r in grid]
         _close_orphans(setup, trials)
-        _client(uri).set_terminated(parent, "KILLED")
+        mlflow_client(uri).set_terminated(parent, "KILLED")
         raise SweepInterrupted(
             f"Sweep '{experiment}' interrupted after {grid.num_terminated} of {opts.trials} "
             f"trials. Continue it with: cicl tune ... --resume --experiment {experiment}"
@@ -613,7 +637,7 @@ def _finish(
         if rec["finished"] and rec["objective"] is not None:
             if best is None or rec["objective"] > best["objective"]:
                 best = rec
-    client = _client(setup.mlflow_uri)
+    client = mlflow_client(setup.mlflow_uri)
     _close_orphans(setup, trials)
     if best is None:
         client.set_terminated(setup.parent_run_id, "FAILED")
@@ -647,7 +671,7 @@ def _finish(
 def _close_orphans(setup: SweepSetup, trials: list[dict]) -> None:
     """Child runs still RUNNING after the sweep (a trial ASHA stopped, or one that errored)
     are closed: KILLED when stopped early, FAILED on error. None stays RUNNING."""
-    client = _client(setup.mlflow_uri)
+    client = mlflow_client(setup.mlflow_uri)
     status = {t["trial_id"]: t for t in trials}
     runs = client.search_runs(
         [setup.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{setup.parent_run_id}'"
@@ -680,7 +704,7 @@ def _sweep_artifacts(
         _optuna_plots(space, k_est, setup.x.shape[0], trials, art)
     except Exception as exc:  # noqa: BLE001 - plots never fail a sweep
         (art / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}")
-    _client(setup.mlflow_uri).log_artifacts(setup.parent_run_id, str(art))
+    mlflow_client(setup.mlflow_uri).log_artifacts(setup.parent_run_id, str(art))
 
 
 def _optuna_plots(space: Space, k_est: int, n: int, trials: list[dict], art: Path) -> None:
@@ -743,7 +767,7 @@ def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any,
     import pandas as pd
 
     mlflow.set_tracking_uri(uri)
-    client = _client(uri)
+    client = mlflow_client(uri)
     exps = [e for e in client.search_experiments() if e.name != "Default"]
     if not exps:
         raise CICLError(f"No experiments in {uri}. Run `cicl tune` first.")
