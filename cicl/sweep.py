@@ -148,9 +148,15 @@ def mlflow_client(uri: str):
 
     if not uri.startswith("sqlite:///") or uri in _STORES_READY:
         return MlflowClient(tracking_uri=uri)
-    fd = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
+    except OSError:  # no such folder: MLflow's own error says so
+        return MlflowClient(tracking_uri=uri)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some NFS mounts): go on unlocked
+            pass
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # creates / migrates the tables
     finally:
