@@ -253,6 +253,20 @@ def _round_logger(uri: str, run_id: str):
     return MLflowRounds()
 
 
+def finished_result(client, run_id: str) -> dict[str, float] | None:
+    """The final metrics of a trial whose MLflow run has FINISHED, else None.
+
+    A trial marks its run FINISHED just before it reports to Tune, so a Ctrl-C in between
+    leaves Tune's saved state a step behind MLflow's; on resume such a trial must not train
+    (and rewrite its run) again.
+    """
+    run = client.get_run(run_id)
+    final = {
+        k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_")
+    }
+    return final if run.info.status == "FINISHED" and "objective" in final else None
+
+
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """Tune function trainable: one Ray Train run of CICL with this trial's params."""
     import ray
@@ -272,15 +286,19 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         parent=setup.parent_run_id,
     )
     client = mlflow_client(setup.mlflow_uri)
+    trial_dir = Path(setup.storage) / "trials" / f"trial_id={trial_id}"
     if created:
         log_params(
             setup.mlflow_uri,
             run_id,
             {**cfg.flat(), **{f"search.{k_}": v for k_, v in config.items()}},
         )
-    else:  # a restarted trial (resume, failure) reopens its own run
+    else:  # a restarted trial (resume, failure) reopens its own run ...
+        done = finished_result(client, run_id)
+        if done is not None:  # ... unless it had finished: report that, do not train again
+            ray.tune.report({**done, "final": 1.0, "trial_dir": str(trial_dir)})
+            return
         client.update_run(run_id, status="RUNNING")
-    trial_dir = Path(setup.storage) / "trials" / f"trial_id={trial_id}"
     out_dir = trial_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     groups, pca_init = model_init(setup.x, setup.pcs, cfg)

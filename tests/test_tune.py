@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cicl.sweep import default_mlflow_uri, mlflow_client
+from cicl.sweep import default_mlflow_uri, finished_result, mlflow_client
 
 
 def _client(root: Path):
@@ -151,6 +151,26 @@ def test_supervised_objective_needs_labels(data_dir, tmp_path, capsys):
 
     rc = main(["tune", str(data_dir / "biase.h5ad"), "--objective", "ari", "--root", str(tmp_path)])
     assert rc == 2 and "--label-key" in capsys.readouterr().err
+
+
+def test_restarted_trial_reuses_a_finished_run_only(tmp_path):
+    """What a restarted trial reads from its MLflow run: the logged final metrics once the run
+    has FINISHED (it then reports them instead of training again), nothing while it is still
+    RUNNING or FINISHED without final metrics."""
+    from mlflow.entities import Metric
+
+    c = _client(tmp_path)
+    exp = c.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    finals = [Metric("final_objective", 0.4, 0, 1), Metric("final_ari", 0.9, 0, 1)]
+    running = c.create_run(exp).info.run_id
+    c.log_batch(running, metrics=[*finals, Metric("objective", 0.3, 0, 0)])
+    assert finished_result(c, running) is None
+    c.set_terminated(running, "FINISHED")
+    assert finished_result(c, running) == {"objective": 0.4, "ari": 0.9}
+    bare = c.create_run(exp).info.run_id
+    c.log_batch(bare, metrics=[Metric("objective", 0.3, 0, 0)])
+    c.set_terminated(bare, "FINISHED")
+    assert finished_result(c, bare) is None
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "killed"])
