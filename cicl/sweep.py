@@ -13,9 +13,12 @@ explicit run id (no global active run shared between trials).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +160,14 @@ def mlflow_client(uri: str):
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # a file system without locks (some NFS mounts): go on unlocked
             pass
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # creates / migrates the tables
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        level = db_log.level
+        db_log.setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates / migrates the tables
+        finally:
+            db_log.setLevel(level)
     finally:
         os.close(fd)  # releases the lock
     _STORES_READY.add(uri)
@@ -557,7 +566,13 @@ def run_sweep(
                 callbacks=[_trial_bar(opts.trials)] if opts.progress else None,
             ),
         )
-    grid = tuner.fit()
+    # Tune prints its experiment box and results path to stdout whatever the verbosity: send
+    # them to stderr with the rest of the progress output, so stdout holds only cicl's result
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
+    with contextlib.redirect_stdout(sys.stderr):
+        grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < opts.trials:  # Ctrl-C: Tune saved its state
         trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "error": r.error} for r in grid]
         _close_orphans(setup, trials)
@@ -778,7 +793,9 @@ def _optuna_plots(space: Space, k_est: int, n: int, trials: list[dict], art: Pat
     plt.close(fig)
     from optuna.visualization.matplotlib import plot_parallel_coordinate
 
-    ax = plot_parallel_coordinate(study)
+    with warnings.catch_warnings():  # "experimental" and constant-axis warnings: not for users
+        warnings.simplefilter("ignore")
+        ax = plot_parallel_coordinate(study)
     ax.figure.set_size_inches(10, 5)
     ax.figure.tight_layout()
     ax.figure.savefig(art / "parallel_coordinates.png", dpi=110)
@@ -810,7 +827,7 @@ def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any,
     varied = [c for c in params if children[c].nunique(dropna=True) > 1]
     out = pd.DataFrame({"run": children.get("tags.mlflow.runName"), "status": children["status"]})
     for c in varied:
-        out[c.removeprefix("params.search.")] = children[c]
+        out[c.removeprefix("params.search.")] = children[c].map(_short_param)
     for m in ("objective", "ari", "nmi"):
         col = f"metrics.final_{m}"
         if col in children:
@@ -821,6 +838,15 @@ def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any,
     if key in out:
         out = out.sort_values(key, ascending=False, na_position="last")
     return out.reset_index(drop=True), experiment
+
+
+def _short_param(value: Any) -> Any:
+    """MLflow stores params as strings: show sampled floats with 4 significant digits."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return value
+    return value if f.is_integer() or not np.isfinite(f) else f"{f:.4g}"
 
 
 def mlflow_ui_command(uri: str) -> str:

@@ -4,6 +4,7 @@ the runs, params, metrics and artifacts it leaves; `cicl runs`; Ctrl-C and --res
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def test_cicl_runs_table(sweep, capsys):
     text = capsys.readouterr().out
     assert "experiment s3: 3 trial runs" in text
     assert text.count("trial-") == 3 and "FINISHED" in text
+    assert not re.search(r"\d\.\d{6,}", text)  # sampled floats shown with 4 significant digits
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in text
 
 
@@ -230,3 +232,7 @@ def test_sweep_shows_one_progress_bar_not_tune_tables(sweep):
     assert "trials: 100%" in proc.stderr and "3/3" in proc.stderr
     assert "best_objective=" in proc.stderr
     assert "Trial status" not in proc.stdout + proc.stderr
+    # stdout is the result only (Tune's experiment box goes to stderr with the progress)
+    assert len(proc.stdout.strip().splitlines()) == 1
+    assert "Creating initial MLflow database tables" not in proc.stderr
+    assert "Warning" not in proc.stderr  # no Optuna / matplotlib warnings from the figures
