@@ -22,7 +22,7 @@ run: $(STAMP)
 # one plain fit (no sweep), with a figure
 fit: $(STAMP)
 	mkdir -p $(OUT)
-	$(VENV)/bin/cicl fit $(DATA)/pollen.h5ad --out $(OUT)/pollen_cicl.h5ad --label-key cell_type --plot $(OUT)/pollen_cicl.png --force
+	$(VENV)/bin/cicl fit $(DATA)/pollen.h5ad --out $(OUT)/pollen_cicl.h5ad --label-key cell_type --plot $(OUT)/pollen_cicl.png --mlflow --force
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cicl tests benchmarks tune

@@ -16,6 +16,7 @@ from cicl.config import CICLConfig
 from cicl.data.io import check_matrix
 from cicl.data.preprocess import preprocess
 from cicl.errors import InputError
+from cicl.objective import score_labels
 
 if TYPE_CHECKING:
     from cicl.distributed import RayOptions
@@ -78,9 +79,13 @@ def fit(
     seconds = time.perf_counter() - t0
     for w in prep.info.get("warnings", []):
         warnings.warn(w, UserWarning, stacklevel=2)
+    # label-free quality of the partition, the sweeps' default objective: comparable across
+    # runs, K and configs because the PCA space is the same for all of them
+    sil = score_labels("silhouette_pca", res.labels, prep.pcs)  # the sweeps' fixed sample
     write_result(
         adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers, prep.cell_mask
     )
+    adata.uns[key_added]["silhouette_pca"] = float(sil)
     return adata if copy else None
 
 

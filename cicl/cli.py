@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print one JSON line with the results")
     f.add_argument("--force", action="store_true", help="overwrite an existing output file")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    f.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="log the fit as an MLflow run (default store runs/mlflow.db, as `cicl tune`)",
+    )
+    f.add_argument("--mlflow-uri", default=None, help="MLflow store or server (implies --mlflow)")
+    f.add_argument(
+        "--experiment", default=None, help="MLflow experiment (default fit-<input name>)"
+    )
     _add_ray_args(f)
 
     s = sub.add_parser(
@@ -245,9 +254,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = check_output(args.input, args.out, args.force)
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         raise CICLError(f"Folder for --plot '{args.plot}' does not exist. Create it first.")
+    track = None
+    if args.mlflow or args.mlflow_uri:
+        from cicl.tracking import resolve_mlflow_uri
+
+        track = resolve_mlflow_uri(args.mlflow_uri, Path("runs").resolve())
     t0 = time.perf_counter()
     if _wants_stream(args):
-        return _fit_stream(args, cfg, k, ray_opts, out, t0)
+        return _fit_stream(args, cfg, k, ray_opts, out, t0, track)
     adata = read_input(args.input)
     if args.label_key is not None:
         if args.label_key not in adata.obs:
@@ -282,13 +296,74 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
+    if track is not None:
+        result["mlflow_run"] = _log_fit(args, track, cfg, adata.uns[args.key_added], result, adata)
     _summary(adata.obs, args.key_added, result)
     if args.json:
         print(json.dumps(result))
     return 0
 
 
-def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float) -> int:
+FIGURE_MAX_CELLS = 50_000  # MLflow figure without --plot: a UMAP of more cells takes minutes
+
+
+def _log_fit(args, uri: str, cfg, info: dict, result: dict, adata=None) -> dict[str, str]:
+    """Log a finished fit to MLflow (after the output is written: tracking never costs the
+    result). Artifacts: the config, a labels table and, in memory, the UMAP + curves figure."""
+    import tempfile
+
+    import pandas as pd
+
+    from cicl.tracking import log_fit
+
+    stem = Path(args.input).stem
+    experiment = args.experiment or f"fit-{stem}"
+    hist = info.get("history") or {}
+    rows = pd.DataFrame(hist).to_dict(orient="records") if hist else []
+    used = cfg.with_overrides({"cluster.n_clusters": result["n_clusters"]})
+    params = {**used.flat(), "input": str(Path(args.input).resolve()), "output": str(args.out)}
+    params.update(
+        {k: result[k] for k in ("n_clusters_source", "values", "n_genes_used", "workers")}
+    )
+    final = {"n_clusters": result["n_clusters"], "seconds": result["seconds"]}
+    if "silhouette_pca" in result:
+        final["objective"] = result["silhouette_pca"]  # the sweeps' default objective
+    final.update({k: result[k] for k in ("ari", "nmi") if k in result})
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / "config.yaml"]
+        used.to_yaml(files[0])
+        if adata is not None:
+            table = pd.DataFrame({"cell": adata.obs_names, "cluster": adata.obs[args.key_added]})
+            if args.label_key is not None:
+                table[args.label_key] = adata.obs[args.label_key].to_numpy()
+            files.append(Path(tmp) / "labels.csv")
+            table.to_csv(files[-1], index=False)
+            figure = result.get("plot")
+            if figure is None and adata.n_obs <= FIGURE_MAX_CELLS:
+                from cicl.plotting import plot_fit
+
+                figure = plot_fit(
+                    adata,
+                    Path(tmp) / "umap_curves.png",
+                    key=args.key_added,
+                    label_key=args.label_key,
+                )
+            if figure is not None:
+                files.append(Path(figure))
+        run_id = log_fit(
+            uri,
+            experiment,
+            f"fit-{stem}-seed{used.seed}",
+            params=params,
+            history=rows,
+            final=final,
+            files=files,
+            tags={"cicl.input": str(Path(args.input).resolve())},
+        )
+    return {"uri": uri, "experiment": experiment, "run_id": run_id}
+
+
+def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None = None) -> int:
     """``cicl fit --stream``: the atlas is never loaded; the output is a copy of the input
     file with the results added."""
     import anndata as ad
@@ -318,6 +393,8 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float) -> int:
         result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
+    if track is not None:
+        result["mlflow_run"] = _log_fit(args, track, cfg, info, result)
     _summary(res.obs, args.key_added, result)
     res.file.close()
     if args.json:
@@ -337,6 +414,7 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "epochs": int(info["epochs"]),
         "steps": int(info["steps"]),
         "workers": int(info["workers"]),
+        **({"silhouette_pca": float(info["silhouette_pca"])} if "silhouette_pca" in info else {}),
     }
 
 
@@ -350,11 +428,19 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
         f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s); "
         f"total {r['seconds']:.1f} s",
     ]
+    if "silhouette_pca" in r:
+        lines.append(
+            f"  label-free: silhouette {r['silhouette_pca']:.3f} in PCA space "
+            "(the sweeps' objective; higher = better separated)"
+        )
     if "ari" in r:
         lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
     lines.append(f"  wrote {r['output']}: obs['{key}'], obsm['X_{key}'], uns['{key}']")
     if "plot" in r:
         lines.append(f"  figure: {r['plot']}")
+    if "mlflow_run" in r:
+        m = r["mlflow_run"]
+        lines.append(f"  MLflow: run {m['run_id']} in experiment '{m['experiment']}' ({m['uri']})")
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -396,12 +482,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.api import _choose_k, write_result
     from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
     from cicl.data.preprocess import preprocess
-    from cicl.sweep import SweepOptions, load_space, mlflow_ui_command, run_sweep, runs_table
+    from cicl.sweep import SweepOptions, load_space, run_sweep
+    from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table
 
     trials = _int_at_least("--trials", args.trials, 1)
     workers = _int_at_least("--workers-per-trial", args.workers_per_trial, 1)
     concurrent = _int_at_least("--concurrent", args.concurrent, 1)
     load_space(args.space)  # fail fast on a bad space file or config
+    uri = resolve_mlflow_uri(args.mlflow_uri, Path(args.root).resolve())
     base = load_config(args.config, _parse_set(args.set))
     out = check_output(args.input, args.out, args.force) if args.out else None
     if args.objective in ("ari", "nmi") and args.label_key is None:
@@ -426,7 +514,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         trials=trials,
         space=args.space,
         objective=args.objective,
-        mlflow_uri=args.mlflow_uri,
+        mlflow_uri=uri,
         experiment=args.experiment,
         workers_per_trial=workers,
         gpus_per_worker=args.gpus_per_worker,
@@ -493,14 +581,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from cicl.sweep import default_mlflow_uri, mlflow_ui_command, runs_table
+    from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table
 
-    uri = args.mlflow_uri or default_mlflow_uri(Path(args.root).resolve())
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise CICLError(f"No MLflow store at {uri}. Run `cicl tune` first or pass --mlflow-uri.")
+    uri = resolve_mlflow_uri(args.mlflow_uri, Path(args.root).resolve(), must_exist=True)
     table, exp = runs_table(uri, args.experiment, args.sort)
-    print(f"experiment {exp}: {len(table)} trial runs")
-    print(table.to_string(index=False) if len(table) else "(no trial runs)")
+    print(f"experiment {exp}: {len(table)} run{'' if len(table) == 1 else 's'}")
+    print(table.to_string(index=False) if len(table) else "(no runs)")
     print(f"\nopen them: {mlflow_ui_command(uri)}")
     return 0
 

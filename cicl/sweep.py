@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import sys
 import time
 import warnings
@@ -29,6 +28,14 @@ import yaml
 from cicl.config import CICLConfig
 from cicl.errors import CICLError
 from cicl.objective import SUPERVISED, resolve, score_labels
+from cicl.tracking import (
+    default_mlflow_uri,
+    ensure_experiment,
+    find_or_create_run,
+    log_metrics,
+    log_params,
+    mlflow_client,
+)
 
 TUNE_DIR = Path(__file__).resolve().parents[1] / "tune"
 AUG_TYPES = {
@@ -123,104 +130,6 @@ def trial_config(base: CICLConfig, space: Space, params: dict[str, Any]) -> CICL
         else:
             over[key] = v.item() if hasattr(v, "item") else v
     return base.with_overrides(over)
-
-
-# ---------------------------------------------------------------- MLflow helpers
-
-
-def default_mlflow_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-_STORES_READY: set[str] = set()
-
-
-def mlflow_client(uri: str):
-    """An MLflow client whose store is ready to use.
-
-    MLflow creates and migrates a new SQLite store on its first use, and processes doing that
-    at once break each other's migration (three processes opening one fresh store together:
-    10 of 15 failed with "table already exists" / alembic errors), e.g. `cicl runs` or a test
-    polling while a sweep starts. So each process' first use of a SQLite store holds an
-    exclusive lock on the store's folder (no lock file is left behind).
-    """
-    import fcntl
-    import os
-
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("sqlite:///") or uri in _STORES_READY:
-        return MlflowClient(tracking_uri=uri)
-    try:
-        fd = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
-    except OSError:  # no such folder: MLflow's own error says so
-        return MlflowClient(tracking_uri=uri)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some NFS mounts): go on unlocked
-            pass
-        db_log = logging.getLogger("mlflow.store.db.utils")
-        level = db_log.level
-        db_log.setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-        try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # creates / migrates the tables
-        finally:
-            db_log.setLevel(level)
-    finally:
-        os.close(fd)  # releases the lock
-    _STORES_READY.add(uri)
-    return client
-
-
-def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
-    client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    if not uri.startswith("sqlite:"):  # a tracking server decides where artifacts go
-        return client.create_experiment(name)
-    artifact_root.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
-
-
-def find_or_create_run(
-    uri: str, exp_id: str, tags: dict[str, str], name: str, parent: str | None = None
-) -> tuple[str, bool]:
-    """The run carrying ``tags`` (resume), else a new one. Returns (run id, created)."""
-    client = mlflow_client(uri)
-    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    found = client.search_runs([exp_id], filter_string=filt, max_results=1)
-    if found:
-        return found[0].info.run_id, False
-    all_tags = dict(tags)
-    if parent:
-        all_tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp_id, tags=all_tags, run_name=name)
-    return run.info.run_id, True
-
-
-def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    client = mlflow_client(uri)
-    items = [Param(k, str(v)[:500]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    items = [
-        Metric(k, float(v), ts, step)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float, np.floating, np.integer, bool)) and np.isfinite(float(v))
-    ]
-    if items:
-        mlflow_client(uri).log_batch(run_id, metrics=items)
 
 
 # ---------------------------------------------------------------- the trial
@@ -800,54 +709,3 @@ def _optuna_plots(space: Space, k_est: int, n: int, trials: list[dict], art: Pat
     ax.figure.tight_layout()
     ax.figure.savefig(art / "parallel_coordinates.png", dpi=110)
     plt.close(ax.figure)
-
-
-def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any, str]:
-    """Trial runs of an experiment (the latest one if not named) as a DataFrame, and its name."""
-    import mlflow
-    import pandas as pd
-
-    mlflow.set_tracking_uri(uri)
-    client = mlflow_client(uri)
-    exps = [e for e in client.search_experiments() if e.name != "Default"]
-    if not exps:
-        raise CICLError(f"No experiments in {uri}. Run `cicl tune` first.")
-    if experiment is None:
-        experiment = max(exps, key=lambda e: e.creation_time or 0).name
-    elif experiment not in {e.name for e in exps}:
-        raise CICLError(
-            f"No experiment '{experiment}' in {uri}; have: {', '.join(e.name for e in exps)}."
-        )
-    df = mlflow.search_runs(experiment_names=[experiment])
-    if df.empty:
-        return df, experiment
-    parent_col = "tags.mlflow.parentRunId"
-    children = df[df[parent_col].notna()] if parent_col in df else df
-    params = [c for c in children.columns if c.startswith("params.search.")]
-    varied = [c for c in params if children[c].nunique(dropna=True) > 1]
-    out = pd.DataFrame({"run": children.get("tags.mlflow.runName"), "status": children["status"]})
-    for c in varied:
-        out[c.removeprefix("params.search.")] = children[c].map(_short_param)
-    for m in ("objective", "ari", "nmi"):
-        col = f"metrics.final_{m}"
-        if col in children:
-            out[m] = children[col].round(4)
-    dur = (children["end_time"] - children["start_time"]).dt.total_seconds()
-    out["seconds"] = dur.round(1)
-    key = sort or "objective"
-    if key in out:
-        out = out.sort_values(key, ascending=False, na_position="last")
-    return out.reset_index(drop=True), experiment
-
-
-def _short_param(value: Any) -> Any:
-    """MLflow stores params as strings: show sampled floats with 4 significant digits."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return value
-    return value if f.is_integer() or not np.isfinite(f) else f"{f:.4g}"
-
-
-def mlflow_ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cicl.sweep import default_mlflow_uri, finished_result, mlflow_client
+from cicl.sweep import finished_result
+from cicl.tracking import default_mlflow_uri, mlflow_client
 
 
 def _client(root: Path):
@@ -28,7 +29,7 @@ def test_fresh_mlflow_store_opened_by_several_processes_at_once(tmp_path):
     creation most of them fail (measured 10 of 15)."""
     code = (
         "import sys, time\n"
-        "from cicl.sweep import mlflow_client\n"
+        "from cicl.tracking import mlflow_client\n"
         "t = float(sys.argv[2])\n"
         "while time.time() < t: time.sleep(0.001)\n"
         "mlflow_client(sys.argv[1]).search_experiments()\n"
@@ -135,7 +136,7 @@ def test_cicl_runs_table(sweep, capsys):
     root, _, _ = sweep
     assert main(["runs", "--root", str(root)]) == 0
     text = capsys.readouterr().out
-    assert "experiment s3: 3 trial runs" in text
+    assert "experiment s3: 3 runs" in text
     assert text.count("trial-") == 3 and "FINISHED" in text
     assert not re.search(r"\d\.\d{6,}", text)  # sampled floats shown with 4 significant digits
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in text

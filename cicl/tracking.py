@@ -1,0 +1,241 @@
+"""MLflow tracking shared by sweeps and single fits: the store, runs, params/metrics, the
+comparison table, and the check that a tracking URI is one MLflow 3.17 will take.
+
+Runs are written with ``MlflowClient`` and explicit run ids (no global active run), so trials
+running side by side in one process never log into each other's runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cicl.errors import CICLError
+
+
+def default_mlflow_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+_STORES_READY: set[str] = set()
+
+
+def mlflow_client(uri: str):
+    """An MLflow client whose store is ready to use.
+
+    MLflow creates and migrates a new SQLite store on its first use, and processes doing that
+    at once break each other's migration (three processes opening one fresh store together:
+    10 of 15 failed with "table already exists" / alembic errors), e.g. `cicl runs` or a test
+    polling while a sweep starts. So each process' first use of a SQLite store holds an
+    exclusive lock on the store's folder (no lock file is left behind).
+    """
+    import fcntl
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///") or uri in _STORES_READY:
+        return MlflowClient(tracking_uri=uri)
+    try:
+        fd = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
+    except OSError:  # no such folder: MLflow's own error says so
+        return MlflowClient(tracking_uri=uri)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some NFS mounts): go on unlocked
+            pass
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        level = db_log.level
+        db_log.setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates / migrates the tables
+        finally:
+            db_log.setLevel(level)
+    finally:
+        os.close(fd)  # releases the lock
+    _STORES_READY.add(uri)
+    return client
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not uri.startswith("sqlite:"):  # a tracking server decides where artifacts go
+        return client.create_experiment(name)
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def find_or_create_run(
+    uri: str, exp_id: str, tags: dict[str, str], name: str, parent: str | None = None
+) -> tuple[str, bool]:
+    """The run carrying ``tags`` (resume), else a new one. Returns (run id, created)."""
+    client = mlflow_client(uri)
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = client.search_runs([exp_id], filter_string=filt, max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    all_tags = dict(tags)
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, tags=all_tags, run_name=name)
+    return run.info.run_id, True
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    client = mlflow_client(uri)
+    items = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), ts, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, np.floating, np.integer, bool)) and np.isfinite(float(v))
+    ]
+    if items:
+        mlflow_client(uri).log_batch(run_id, metrics=items)
+
+
+def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any, str]:
+    """Trial and fit runs of an experiment (the latest one if not named) as a DataFrame, and
+    its name."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow_client(uri)
+    exps = [e for e in client.search_experiments() if e.name != "Default"]
+    if not exps:
+        raise CICLError(f"No experiments in {uri}. Run `cicl tune` or `cicl fit --mlflow` first.")
+    if experiment is None:
+        experiment = max(exps, key=lambda e: e.creation_time or 0).name
+    elif experiment not in {e.name for e in exps}:
+        raise CICLError(
+            f"No experiment '{experiment}' in {uri}; have: {', '.join(e.name for e in exps)}."
+        )
+    df = mlflow.search_runs(experiment_names=[experiment])
+    if df.empty:
+        return df, experiment
+    parent_col = "tags.mlflow.parentRunId"  # sweep parents are left out; trials and fits stay
+    parents = set(df[parent_col].dropna()) if parent_col in df else set()
+    children = df[~df["run_id"].isin(parents)]
+    params = [c for c in children.columns if c.startswith("params.search.")]
+    varied = [c for c in params if children[c].nunique(dropna=True) > 1]
+    out = pd.DataFrame({"run": children.get("tags.mlflow.runName"), "status": children["status"]})
+    for c in varied:
+        out[c.removeprefix("params.search.")] = children[c].map(_short_param)
+    for m in ("objective", "ari", "nmi"):
+        col = f"metrics.final_{m}"
+        if col in children:
+            out[m] = children[col].round(4)
+    dur = (children["end_time"] - children["start_time"]).dt.total_seconds()
+    if "metrics.final_seconds" in children:  # a fit's own time (its run is logged afterwards)
+        dur = children["metrics.final_seconds"].fillna(dur)
+    out["seconds"] = dur.round(1)
+    key = sort or "objective"
+    if key in out:
+        out = out.sort_values(key, ascending=False, na_position="last")
+    return out.reset_index(drop=True), experiment
+
+
+def _short_param(value: Any) -> Any:
+    """MLflow stores params as strings: show sampled floats with 4 significant digits."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return value
+    return value if f.is_integer() or not np.isfinite(f) else f"{f:.4g}"
+
+
+def mlflow_ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def resolve_mlflow_uri(uri: str | None, root: Path, must_exist: bool = False) -> str:
+    """The tracking URI to use: ``uri`` made usable, or the default store under ``root``.
+
+    MLflow 3.17 refuses the file store, and a relative SQLite path would point somewhere else
+    in every Ray worker (they run in their own folders), so a relative ``sqlite:///`` path is
+    made absolute against the current folder. Checked before any work starts, so a bad URI
+    costs nothing and leaves nothing behind."""
+    if uri is None:
+        uri = default_mlflow_uri(root)
+    elif "://" not in uri or uri.startswith("file:"):
+        raise CICLError(
+            f"--mlflow-uri '{uri}' is a file store, which MLflow 3.17 refuses. Give a SQLite "
+            "store (sqlite:////absolute/path/mlflow.db) or a tracking server (http://host:5000)."
+        )
+    if not uri.startswith("sqlite:"):
+        return uri  # a tracking server or another database: MLflow checks it
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        raise CICLError(
+            f"--mlflow-uri '{uri}' is not a SQLite file. Give sqlite:////absolute/path/mlflow.db."
+        )
+    db = (Path.cwd() / path).resolve()
+    if must_exist and not db.is_file():
+        raise CICLError(
+            f"No MLflow store at sqlite:///{db}. Run `cicl tune` or `cicl fit --mlflow` first, "
+            "or pass --mlflow-uri."
+        )
+    if not must_exist and not db.parent.is_dir() and uri != default_mlflow_uri(root):
+        raise CICLError(
+            f"Folder '{db.parent}' for the MLflow store does not exist. Create it first."
+        )
+    return f"sqlite:///{db}"
+
+
+def log_fit(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    params: dict[str, Any],
+    history: list[dict[str, Any]],
+    final: dict[str, float],
+    files: list[Path],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log one finished ``cicl fit`` as an MLflow run: params, per-round metrics, ``final_*``
+    metrics (the names sweep trials use, so ``cicl runs`` and the MLflow UI compare fits and
+    trials side by side) and artifact files. Returns the run id."""
+    if uri.startswith("sqlite:///"):
+        store = Path(uri.removeprefix("sqlite:///"))
+        store.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = store.parent / "mlartifacts" / experiment
+    else:
+        artifacts = Path("mlartifacts") / experiment  # unused: a server decides
+    exp_id = ensure_experiment(uri, experiment, artifacts)
+    client = mlflow_client(uri)
+    run_id = client.create_run(
+        exp_id, run_name=run_name, tags={"cicl.kind": "fit", **(tags or {})}
+    ).info.run_id
+    try:
+        log_params(uri, run_id, params)
+        for rec in history:
+            log_metrics(uri, run_id, rec, int(rec.get("epoch", 0)))
+        last = int(history[-1].get("epoch", 0)) if history else 0
+        log_metrics(uri, run_id, {f"final_{k}": v for k, v in final.items()}, last)
+        for f in files:
+            client.log_artifact(run_id, str(f))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
