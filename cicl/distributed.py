@@ -13,6 +13,7 @@ the input order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -87,12 +88,20 @@ def ensure_ray(address: str | None = None):
         return None
     if address:
         return ray.init(address=address, log_to_driver=False)
-    return ray.init(
-        num_cpus=max(2, os.cpu_count() or 1),
-        dashboard_host="127.0.0.1",
-        log_to_driver=False,
-        include_dashboard=True,
-    )
+    # a new local Ray turns token authentication on (good) and warns that it did so, on every
+    # start; keep the behaviour, drop the warning
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
+    try:
+        return ray.init(
+            num_cpus=max(2, os.cpu_count() or 1),
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            include_dashboard=True,
+        )
+    finally:
+        auth_log.setLevel(level)
 
 
 def fit_ray(
