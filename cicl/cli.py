@@ -350,16 +350,23 @@ def _log_fit(args, uri: str, cfg, info: dict, result: dict, adata=None) -> dict[
                 )
             if figure is not None:
                 files.append(Path(figure))
-        run_id = log_fit(
-            uri,
-            experiment,
-            f"fit-{stem}-seed{used.seed}",
-            params=params,
-            history=rows,
-            final=final,
-            files=files,
-            tags={"cicl.input": str(Path(args.input).resolve())},
-        )
+        try:
+            run_id = log_fit(
+                uri,
+                experiment,
+                f"fit-{stem}-seed{used.seed}",
+                params=params,
+                history=rows,
+                final=final,
+                files=files,
+                tags={"cicl.input": str(Path(args.input).resolve())},
+            )
+        except Exception as exc:  # noqa: BLE001 - MLflow/SQL/HTTP errors alike: one clear line
+            raise CICLError(
+                f"The result was written to {args.out}, but logging it to MLflow ({uri}) failed: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                "Check the store or server and run again with another --out."
+            ) from None
     return {"uri": uri, "experiment": experiment, "run_id": run_id}
 
 

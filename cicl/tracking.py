@@ -189,6 +189,8 @@ def resolve_mlflow_uri(uri: str | None, root: Path, must_exist: bool = False) ->
             f"--mlflow-uri '{uri}' is not a SQLite file. Give sqlite:////absolute/path/mlflow.db."
         )
     db = (Path.cwd() / path).resolve()
+    if db.exists() and not db.is_file():
+        raise CICLError(f"--mlflow-uri points at '{db}', which is not a file. Name a .db file.")
     if must_exist and not db.is_file():
         raise CICLError(
             f"No MLflow store at sqlite:///{db}. Run `cicl tune` or `cicl fit --mlflow` first, "

@@ -72,6 +72,7 @@ def test_fit_is_logged_as_a_run_next_to_others(tmp_path, inp, tiny_cfg, capsys):
         ("file:///tmp/mlruns", "file store"),
         ("sqlite://", "not a SQLite file"),
         ("sqlite:////no/such/folder/mlflow.db", "does not exist"),
+        ("sqlite:////tmp", "is not a file"),
     ],
 )
 def test_bad_tracking_uri_is_one_clear_error_before_any_work(tmp_path, inp, capsys, uri, msg):
