@@ -23,7 +23,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PAPER_ARI = {"yan": 0.7989, "pollen": 0.9117, "young_kidney": 0.6578}
-METHODS = ["cicl", "cicl_reference", "kmeans_pca", "leiden_default", "leiden_at_k"]
+METHODS = ["cicl", "cicl_est_k", "cicl_reference", "kmeans_pca", "leiden_default", "leiden_at_k"]
+# cicl_est_k: `cicl fit` without --n-clusters (K estimated without labels), the label-free
+# counterpart of leiden_default; every other K-based method is given the true K
 
 
 def _prepare(path: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +55,13 @@ def _job(args: tuple) -> list[dict]:
 
         cfg = preset("reference") if method == "cicl_reference" else CICLConfig()
         cfg = cfg.with_overrides({"seed": seed, "train.device": "cpu"})
-        labels = train(x, pcs, k, cfg).labels
+        if method == "cicl_est_k":
+            from cicl.api import _choose_k
+
+            k_fit, _ = _choose_k(cfg, pcs)  # what `cicl fit` does without --n-clusters
+        else:
+            k_fit = k
+        labels = train(x, pcs, k_fit, cfg).labels
     else:
         import baselines
 
@@ -130,6 +138,18 @@ def to_markdown(df: pd.DataFrame, methods: list[str]) -> str:
         f"worst {gap.min():+.3f} ({gap.idxmin()}), datasets more than 0.10 below: "
         f"{', '.join(gap[gap < -0.10].index) or 'none'}."
     )
+    found = df.groupby(["dataset", "method"])["n_found"].mean().unstack()
+    if "cicl_est_k" in found:
+        lines.append(
+            "Clusters found without labels (true K / `cicl_est_k` / `leiden_default`, mean over "
+            "seeds): "
+            + ", ".join(
+                f"{d} {df[df.dataset == d].k.iloc[0]}/{found.loc[d, 'cicl_est_k']:.0f}/"
+                f"{found.loc[d].get('leiden_default', np.nan):.0f}"
+                for d in sizes.index
+            )
+            + "."
+        )
     sec = s[s.method == "cicl"].set_index("dataset")["seconds"]
     lines.append(
         f"CICL training seconds (1 thread, per seed): {', '.join(f'{d} {sec[d]:.0f}' for d in sizes.index if d in sec)}."
