@@ -490,7 +490,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
     from cicl.data.preprocess import preprocess
     from cicl.sweep import SweepOptions, load_space, run_sweep
-    from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table
+    from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table, short_param
 
     trials = _int_at_least("--trials", args.trials, 1)
     workers = _int_at_least("--workers-per-trial", args.workers_per_trial, 1)
@@ -573,7 +573,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         write_h5ad_atomic(adata, out)
         summary["output"] = str(out)
     print(
-        f"best: {summary['best_params']} objective {res.best_metrics.get('objective'):.4f}"
+        "best: "
+        + ", ".join(f"{k}={short_param(v)}" for k, v in summary["best_params"].items())
+        + f"; objective {res.best_metrics.get('objective'):.4f}"
         + (
             f", ARI {res.best_metrics['ari']:.3f} (scored only)"
             if "ari" in res.best_metrics

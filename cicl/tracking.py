@@ -139,7 +139,7 @@ def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any,
     varied = [c for c in params if children[c].nunique(dropna=True) > 1]
     out = pd.DataFrame({"run": children.get("tags.mlflow.runName"), "status": children["status"]})
     for c in varied:
-        out[c.removeprefix("params.search.")] = children[c].map(_short_param)
+        out[c.removeprefix("params.search.")] = children[c].map(short_param)
     for m in ("objective", "ari", "nmi"):
         col = f"metrics.final_{m}"
         if col in children:
@@ -154,7 +154,7 @@ def runs_table(uri: str, experiment: str | None, sort: str | None) -> tuple[Any,
     return out.reset_index(drop=True), experiment
 
 
-def _short_param(value: Any) -> Any:
+def short_param(value: Any) -> Any:
     """MLflow stores params as strings: show sampled floats with 4 significant digits."""
     try:
         f = float(value)
