@@ -13,7 +13,6 @@ the input order.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cicl._logging import quieted
 from cicl.config import CICLConfig
 from cicl.train.loop import TrainResult
 
@@ -90,18 +90,13 @@ def ensure_ray(address: str | None = None):
         return ray.init(address=address, log_to_driver=False)
     # a new local Ray turns token authentication on (good) and warns that it did so, on every
     # start; keep the behaviour, drop the warning
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = auth_log.level
-    auth_log.setLevel(logging.ERROR)
-    try:
+    with quieted("ray._private.authentication.authentication_token_setup"):
         return ray.init(
             num_cpus=max(2, os.cpu_count() or 1),
             dashboard_host="127.0.0.1",
             log_to_driver=False,
             include_dashboard=True,
         )
-    finally:
-        auth_log.setLevel(level)
 
 
 def fit_ray(

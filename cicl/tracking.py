@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cicl._logging import quieted
 from cicl.errors import CICLError
 
 
@@ -49,14 +50,9 @@ def mlflow_client(uri: str):
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # a file system without locks (some NFS mounts): go on unlocked
             pass
-        db_log = logging.getLogger("mlflow.store.db.utils")
-        level = db_log.level
-        db_log.setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-        try:
+        with quieted("mlflow.store.db.utils", logging.WARNING):  # "Creating initial ... tables"
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # creates / migrates the tables
-        finally:
-            db_log.setLevel(level)
     finally:
         os.close(fd)  # releases the lock
     _STORES_READY.add(uri)
