@@ -59,13 +59,18 @@ def mlflow_client(uri: str):
     return client
 
 
-def ensure_experiment(uri: str, name: str, artifact_root: Path) -> str:
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
+    """The experiment's id, created if new. With a SQLite store its artifacts go under
+    ``artifact_root`` (default: ``mlartifacts/<name>`` next to the store); a tracking server
+    decides that itself."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    if not uri.startswith("sqlite:"):  # a tracking server decides where artifacts go
+    if not uri.startswith("sqlite:///"):
         return client.create_experiment(name)
+    store = Path(uri.removeprefix("sqlite:///"))
+    artifact_root = artifact_root or store.parent / "mlartifacts" / name
     artifact_root.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
 
@@ -213,13 +218,9 @@ def log_fit(
     """Log one finished ``cicl fit`` as an MLflow run: params, per-round metrics, ``final_*``
     metrics (the names sweep trials use, so ``cicl runs`` and the MLflow UI compare fits and
     trials side by side) and artifact files. Returns the run id."""
-    if uri.startswith("sqlite:///"):
-        store = Path(uri.removeprefix("sqlite:///"))
-        store.parent.mkdir(parents=True, exist_ok=True)
-        artifacts = store.parent / "mlartifacts" / experiment
-    else:
-        artifacts = Path("mlartifacts") / experiment  # unused: a server decides
-    exp_id = ensure_experiment(uri, experiment, artifacts)
+    if uri.startswith("sqlite:///"):  # the default store's folder may not exist yet
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    exp_id = ensure_experiment(uri, experiment)
     client = mlflow_client(uri)
     run_id = client.create_run(
         exp_id, run_name=run_name, tags={"cicl.kind": "fit", **(tags or {})}
