@@ -297,77 +297,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
     if track is not None:
-        result["mlflow_run"] = _log_fit(args, track, cfg, adata.uns[args.key_added], result, adata)
+        result["mlflow_run"] = _log_fit(args, track, adata, result)
     _summary(adata.obs, args.key_added, result)
     if args.json:
         print(json.dumps(result))
     return 0
 
 
-FIGURE_MAX_CELLS = 50_000  # MLflow figure without --plot: a UMAP of more cells takes minutes
-
-
-def _log_fit(args, uri: str, cfg, info: dict, result: dict, adata=None) -> dict[str, str]:
+def _log_fit(args, uri: str, adata, result: dict) -> dict[str, str]:
     """Log a finished fit to MLflow (after the output is written: tracking never costs the
-    result). Artifacts: the config, a labels table and, in memory, the UMAP + curves figure."""
-    import tempfile
-
-    import pandas as pd
-
+    result); ``cicl.tracking.log_fit`` does the work, as it does for the Python API."""
     from cicl.tracking import log_fit
 
     stem = Path(args.input).stem
-    experiment = args.experiment or f"fit-{stem}"
-    hist = info.get("history") or {}
-    rows = pd.DataFrame(hist).to_dict(orient="records") if hist else []
-    used = cfg.with_overrides({"cluster.n_clusters": result["n_clusters"]})
-    params = {**used.flat(), "input": str(Path(args.input).resolve()), "output": str(args.out)}
-    params.update(
-        {k: result[k] for k in ("n_clusters_source", "values", "n_genes_used", "workers")}
-    )
-    final = {"n_clusters": result["n_clusters"], "seconds": result["seconds"]}
-    if "silhouette_pca" in result:
-        final["objective"] = result["silhouette_pca"]  # the sweeps' default objective
-    final.update({k: result[k] for k in ("ari", "nmi") if k in result})
-    with tempfile.TemporaryDirectory() as tmp:
-        files = [Path(tmp) / "config.yaml"]
-        used.to_yaml(files[0])
-        if adata is not None:
-            table = pd.DataFrame({"cell": adata.obs_names, "cluster": adata.obs[args.key_added]})
-            if args.label_key is not None:
-                table[args.label_key] = adata.obs[args.label_key].to_numpy()
-            files.append(Path(tmp) / "labels.csv")
-            table.to_csv(files[-1], index=False)
-            figure = result.get("plot")
-            if figure is None and adata.n_obs <= FIGURE_MAX_CELLS:
-                from cicl.plotting import plot_fit
-
-                figure = plot_fit(
-                    adata,
-                    Path(tmp) / "umap_curves.png",
-                    key=args.key_added,
-                    label_key=args.label_key,
-                )
-            if figure is not None:
-                files.append(Path(figure))
-        try:
-            run_id = log_fit(
-                uri,
-                experiment,
-                f"fit-{stem}-seed{used.seed}",
-                params=params,
-                history=rows,
-                final=final,
-                files=files,
-                tags={"cicl.input": str(Path(args.input).resolve())},
-            )
-        except Exception as exc:  # noqa: BLE001 - MLflow/SQL/HTTP errors alike: one clear line
-            raise CICLError(
-                f"The result was written to {args.out}, but logging it to MLflow ({uri}) failed: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                "Check the store or server and run again with another --out."
-            ) from None
-    return {"uri": uri, "experiment": experiment, "run_id": run_id}
+    source = str(Path(args.input).resolve())
+    try:
+        return log_fit(
+            adata,
+            args.key_added,
+            uri=uri,
+            experiment=args.experiment or f"fit-{stem}",
+            run_name=f"fit-{stem}-seed{int(adata.uns[args.key_added]['params']['seed'])}",
+            label_key=args.label_key,
+            figure=result.get("plot"),
+            params={"input": source, "output": str(args.out)},
+            metrics={"seconds": result["seconds"]},
+            tags={"cicl.input": source},
+        )
+    except Exception as exc:  # noqa: BLE001 - MLflow/SQL/HTTP errors alike: one clear line
+        raise CICLError(
+            f"The result was written to {args.out}, but logging it to MLflow ({uri}) failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Check the store or server and run again with another --out."
+        ) from None
 
 
 def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None = None) -> int:
@@ -401,7 +363,7 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
     if track is not None:
-        result["mlflow_run"] = _log_fit(args, track, cfg, info, result)
+        result["mlflow_run"] = _log_fit(args, track, res, result)
     _summary(res.obs, args.key_added, result)
     res.file.close()
     if args.json:

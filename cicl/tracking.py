@@ -204,7 +204,7 @@ def resolve_mlflow_uri(uri: str | None, root: Path, must_exist: bool = False) ->
     return f"sqlite:///{db}"
 
 
-def log_fit(
+def log_run(
     uri: str,
     experiment: str,
     run_name: str,
@@ -214,17 +214,24 @@ def log_fit(
     final: dict[str, float],
     files: list[Path],
     tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> str:
-    """Log one finished ``cicl fit`` as an MLflow run: params, per-round metrics, ``final_*``
-    metrics (the names sweep trials use, so ``cicl runs`` and the MLflow UI compare fits and
-    trials side by side) and artifact files. Returns the run id."""
-    if uri.startswith("sqlite:///"):  # the default store's folder may not exist yet
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    exp_id = ensure_experiment(uri, experiment)
+    """Log one finished fit as an MLflow run: params, per-round metrics, ``final_*`` metrics
+    (the names sweep trials use, so ``cicl runs`` and the MLflow UI compare fits and trials
+    side by side) and artifact files. Into ``run_id`` if given (its status is left to its
+    owner), else a new run. Returns the run id."""
     client = mlflow_client(uri)
-    run_id = client.create_run(
-        exp_id, run_name=run_name, tags={"cicl.kind": "fit", **(tags or {})}
-    ).info.run_id
+    own = run_id is None
+    if own:
+        if uri.startswith("sqlite:///"):  # the default store's folder may not exist yet
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        exp_id = ensure_experiment(uri, experiment)
+        run_id = client.create_run(
+            exp_id, run_name=run_name, tags={"cicl.kind": "fit", **(tags or {})}
+        ).info.run_id
+    else:
+        for k, v in {"cicl.kind": "fit", **(tags or {})}.items():
+            client.set_tag(run_id, k, v)
     try:
         log_params(uri, run_id, params)
         for rec in history:
@@ -234,7 +241,99 @@ def log_fit(
         for f in files:
             client.log_artifact(run_id, str(f))
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if own:
+            client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    if own:
+        client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+FIGURE_MAX_CELLS = 50_000  # default figure only up to here: a UMAP of more cells takes minutes
+
+
+def log_fit(
+    adata: Any,
+    key: str = "cicl",
+    *,
+    uri: str | None = None,
+    experiment: str = "cicl",
+    run_name: str | None = None,
+    label_key: str | None = None,
+    figure: str | Path | bool | None = None,
+    run_id: str | None = None,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Log a finished ``cicl.fit`` (what it wrote to ``adata``) as an MLflow run.
+
+    Params: the resolved config (K as used) plus ``params``; metrics: the per-round history
+    and ``final_n_clusters`` / ``final_seconds`` / ``final_objective`` (the label-free
+    silhouette) and, with ``label_key``, ``final_ari`` / ``final_nmi`` (scored only);
+    artifacts: ``config.yaml``, ``labels.csv`` and the UMAP + curves figure. ``figure``: a
+    PNG already drawn, ``False`` for none, default drawn when ``adata`` is in memory and has
+    at most 50,000 cells. ``uri`` defaults to ``runs/mlflow.db`` like the CLI. With
+    ``run_id`` (e.g. ``mlflow.active_run().info.run_id``) the fit is logged into that run.
+    Returns ``{"uri", "experiment", "run_id"}``."""
+    import tempfile
+
+    import pandas as pd
+
+    from cicl.api import score
+    from cicl.config import CICLConfig
+
+    if key not in adata.uns or "params" not in adata.uns[key]:
+        raise CICLError(f"adata.uns['{key}'] holds no cicl.fit result. Run cicl.fit first.")
+    if label_key is not None and label_key not in adata.obs:
+        raise CICLError(f"label_key '{label_key}' is not an obs column.")
+    uri = resolve_mlflow_uri(uri, Path("runs").resolve())
+    info = adata.uns[key]
+    used = CICLConfig.from_dict(info["params"]).with_overrides(
+        {"cluster.n_clusters": int(info["n_clusters"])}
+    )
+    all_params = {
+        **used.flat(),
+        "n_clusters_source": info["n_clusters_source"],
+        "values": info["preprocess"]["values"],
+        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
+        "workers": int(info.get("workers", 1)),
+        **(params or {}),
+    }
+    hist = info.get("history")
+    rows = pd.DataFrame(dict(hist)).to_dict(orient="records") if len(hist or {}) else []
+    final = {"n_clusters": int(info["n_clusters"]), "seconds": float(info["seconds"])}
+    if "silhouette_pca" in info:
+        final["objective"] = float(info["silhouette_pca"])  # the sweeps' default objective
+    labels = adata.obs[key]
+    if label_key is not None:
+        final.update(score(labels.to_numpy(), adata.obs[label_key]))
+    final.update(metrics or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / "config.yaml"]
+        used.to_yaml(files[0])
+        table = pd.DataFrame({"cell": adata.obs_names, "cluster": labels.to_numpy()})
+        if label_key is not None:
+            table[label_key] = adata.obs[label_key].to_numpy()
+        files.append(Path(tmp) / "labels.csv")
+        table.to_csv(files[-1], index=False)
+        if figure is None:
+            figure = not adata.isbacked and adata.n_obs <= FIGURE_MAX_CELLS
+        if figure is True:
+            from cicl.plotting import plot_fit
+
+            figure = plot_fit(adata, Path(tmp) / "umap_curves.png", key=key, label_key=label_key)
+        if figure:
+            files.append(Path(figure))
+        run_id = log_run(
+            uri,
+            experiment,
+            run_name or f"{experiment}-seed{used.seed}",
+            params=all_params,
+            history=rows,
+            final=final,
+            files=files,
+            tags=tags,
+            run_id=run_id,
+        )
+    return {"uri": uri, "experiment": experiment, "run_id": run_id}

@@ -94,3 +94,58 @@ def test_relative_sqlite_path_becomes_absolute(tmp_path, monkeypatch):
     assert default == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     with pytest.raises(CICLError, match="No MLflow store"):
         resolve_mlflow_uri(None, tmp_path / "runs", must_exist=True)
+
+
+def test_python_api_logs_a_fit_new_run_or_the_active_one(tmp_path, tiny_cfg):
+    """`cicl.log_fit` after `cicl.fit`: the notebook path to the same runs the CLI logs."""
+    import mlflow
+
+    import cicl
+
+    adata = synthetic_adata(n_cells=150, n_genes=120, n_clusters=3, seed=1)
+    with pytest.raises(CICLError, match="Run cicl.fit first"):
+        cicl.log_fit(adata, uri=f"sqlite:///{tmp_path / 'm.db'}")
+    cicl.fit(adata, 3, config=tiny_cfg, progress=False)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(CICLError, match="not an obs column"):
+        cicl.log_fit(adata, uri=uri, label_key="no_such_column")
+    got = cicl.log_fit(adata, uri=uri, experiment="nb", label_key="cell_type", figure=False)
+    client = mlflow_client(uri)
+    run = client.get_run(got["run_id"])
+    assert run.info.status == "FINISHED" and got["experiment"] == "nb"
+    assert run.data.params["cluster.n_clusters"] == "3"
+    m = run.data.metrics
+    assert m["final_objective"] == pytest.approx(adata.uns["cicl"]["silhouette_pca"])
+    assert m["final_ari"] == pytest.approx(
+        cicl.score(adata.obs["cicl"], adata.obs["cell_type"])["ari"]
+    )
+    assert {a.path for a in client.list_artifacts(got["run_id"])} == {"config.yaml", "labels.csv"}
+
+    mlflow.set_tracking_uri(uri)  # a run the user opened: logged into, its status left alone
+    try:
+        with mlflow.start_run(experiment_id=client.get_experiment_by_name("nb").experiment_id) as r:
+            mlflow.log_param("notebook", "yes")
+            into = cicl.log_fit(adata, uri=uri, run_id=r.info.run_id, figure=False)
+            assert into["run_id"] == r.info.run_id
+            assert client.get_run(r.info.run_id).info.status == "RUNNING"
+    finally:
+        mlflow.set_tracking_uri(None)
+    run = client.get_run(r.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["notebook"] == "yes"
+    assert "final_objective" in run.data.metrics and run.data.tags["cicl.kind"] == "fit"
+
+
+def test_streamed_fit_is_logged_with_its_labels(tmp_path, inp, tiny_cfg, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    tiny_cfg.to_yaml(cfg)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    out = tmp_path / "s.h5ad"
+    assert _fit(inp, out, cfg, "--stream", "--mlflow-uri", uri, "--json") == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    client = mlflow_client(uri)
+    run = client.get_run(line["mlflow_run"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == f"fit-in-seed{tiny_cfg.seed}"
+    assert run.data.metrics["final_seconds"] == pytest.approx(line["seconds"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "labels.csv"}
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "labels.csv", str(tmp_path)))
+    assert (table["cluster"].astype(str) == ad.read_h5ad(out).obs["cicl"].to_numpy()).all()
