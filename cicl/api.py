@@ -29,6 +29,7 @@ def fit(
     *,
     config: CICLConfig | None = None,
     layer: str | None = None,
+    batch_key: str | None = None,
     key_added: str = DEFAULT_KEY,
     copy: bool = False,
     progress: bool = True,
@@ -39,6 +40,8 @@ def fit(
 
     ``adata.X`` (or ``layer``) is never modified. When ``n_clusters`` is None it is estimated
     without labels (scanpy's default Leiden on the PCA; see ``cicl.data.estimate``).
+    ``batch_key`` (an obs column: sample, donor, run) selects HVGs within batches and removes
+    per-batch gene shifts with scanpy's ComBat before scaling (``preprocess.batch_key``).
 
     Sets the following fields:
 
@@ -57,6 +60,8 @@ def fit(
     cfg = config or CICLConfig()
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
+    if batch_key is not None:
+        cfg = cfg.with_overrides({"preprocess.batch_key": batch_key})
     adata = adata.copy() if copy else adata
     check_matrix(adata, layer)
     if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > adata.n_obs:
@@ -181,6 +186,12 @@ def fit_h5ad_stream(
     cfg = config or CICLConfig()
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
+    if cfg.preprocess.batch_key is not None:
+        raise InputError(
+            "--batch-key (preprocess.batch_key) needs every cell in memory (ComBat), so it does "
+            "not work on a streamed .h5ad (--stream, or an atlas large enough to stream). "
+            "Correct the batches first (e.g. scanpy's combat, scVI) and fit the corrected matrix."
+        )
     t0 = time.perf_counter()
     transform, prep, n, _ = fit_on_sample(path, cfg.preprocess, n_sample, seed=cfg.seed)
     if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > n:

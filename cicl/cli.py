@@ -21,6 +21,12 @@ from cicl.objective import OBJECTIVES
 STREAM_MIN_CELLS = 200_000
 
 
+BATCH_HELP = (
+    "obs column naming each cell's batch (sample/donor/run): HVGs within batches and "
+    "scanpy's ComBat before scaling (in-memory fits)"
+)
+
+
 def _wants_stream(args: argparse.Namespace) -> bool:
     p = Path(args.input)
     if p.suffix.lower() != ".h5ad" or not p.is_file():
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs column with known labels: ARI/NMI are reported, never used to choose",
     )
     f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--batch-key", default=None, help=BATCH_HELP)
     f.add_argument("--config", "-c", default=None, help="YAML config file")
     f.add_argument(
         "--preset",
@@ -163,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--tune-tables", action="store_true", help="Ray Tune's own trial-status tables instead"
     )
+    t.add_argument("--batch-key", default=None, help=BATCH_HELP)
     t.add_argument("--config", "-c", default=None, help="base YAML config for every trial")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="base config override"
@@ -248,6 +256,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         overrides = {"preset": args.preset, **overrides}
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.batch_key is not None:
+        overrides["preprocess.batch_key"] = args.batch_key
     cfg = load_config(args.config, overrides)
     k = _positive_int("--n-clusters", args.n_clusters)
     ray_opts = _ray_options(args)
@@ -459,7 +469,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     concurrent = _int_at_least("--concurrent", args.concurrent, 1)
     load_space(args.space)  # fail fast on a bad space file or config
     uri = resolve_mlflow_uri(args.mlflow_uri, Path(args.root).resolve())
-    base = load_config(args.config, _parse_set(args.set))
+    overrides = _parse_set(args.set)
+    if args.batch_key is not None:
+        overrides["preprocess.batch_key"] = args.batch_key
+    base = load_config(args.config, overrides)
     out = check_output(args.input, args.out, args.force) if args.out else None
     if args.objective in ("ari", "nmi") and args.label_key is None:
         raise CICLError(f"--objective {args.objective} optimises against labels: give --label-key.")

@@ -31,6 +31,9 @@ class PreprocessConfig:
     max_value: float = 10.0
     n_pcs: int = 50  # PCA used for the kNN graph, gene tokens and K estimation
     min_genes: int = 0  # drop cells with fewer expressed genes (0 = keep all)
+    # obs column naming each cell's batch (sample, donor, run): HVGs are chosen within
+    # batches and scanpy's ComBat removes per-batch gene shifts before scaling (None = off)
+    batch_key: str | None = None
 
     def __post_init__(self) -> None:
         _check(

@@ -66,6 +66,8 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     work.var_names = np.asarray(adata.var_names).astype(str)
     work.obs_names = np.asarray(adata.obs_names).astype(str)
     kind = _values_kind(work.X, cfg.values)
+    if cfg.batch_key is not None:
+        work.obs["batch"] = _batches(adata, cfg.batch_key)
     steps: list[str] = [] if cfg.values == "auto" else [f"values declared '{cfg.values}'"]
     warnings: list[str] = []
 
@@ -118,10 +120,19 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
             f"preprocess.n_top_genes={cfg.n_top_genes} but only {work.n_vars} genes vary. "
             f"Ask for at most {work.n_vars} (or leave it unset to use all genes)."
         )
+    n_batches = work.obs["batch"].nunique() if cfg.batch_key is not None else 1
+    by_batch = {"batch_key": "batch"} if n_batches > 1 else {}
+    if by_batch:
+        _check_batches(work.obs["batch"], cfg.batch_key)
+    if cfg.batch_key is not None and n_batches == 1:
+        msg = f"batch_key '{cfg.batch_key}' has one batch among the cells kept: not corrected"
+        warnings.append(msg)
+        steps.append(msg)
     if kind != "scaled" and work.n_vars > n_top:
-        sc.pp.highly_variable_genes(work, n_top_genes=n_top, flavor="seurat")
+        sc.pp.highly_variable_genes(work, n_top_genes=n_top, flavor="seurat", **by_batch)
         work = work[:, work.var["highly_variable"].to_numpy()].copy()
-        steps.append(f"highly_variable_genes(n_top_genes={n_top}, flavor='seurat')")
+        within = f", batch_key='{cfg.batch_key}'" if by_batch else ""
+        steps.append(f"highly_variable_genes(n_top_genes={n_top}, flavor='seurat'{within})")
     elif kind == "scaled" and work.n_vars > n_top:
         v = np.asarray(work.X.toarray().var(axis=0))
         top = np.sort(np.argsort(-v)[:n_top])
@@ -130,7 +141,12 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     else:
         steps.append(f"kept all {work.n_vars} genes (<= n_top_genes={n_top})")
 
-    x = work.X.toarray().astype(np.float32)
+    if by_batch:
+        with np.errstate(divide="ignore", invalid="ignore"):  # its convergence test divides by 0
+            sc.pp.combat(work, key="batch")  # per-gene location/scale per batch, empirical Bayes
+        steps.append(f"combat(key='{cfg.batch_key}', {n_batches} batches)")
+    x = work.X.toarray() if sp.issparse(work.X) else np.asarray(work.X)
+    x = x.astype(np.float32)
     mu = sd = None
     if cfg.scale and kind != "scaled":
         mu, sd = x.mean(0), x.std(0)
@@ -148,6 +164,7 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         "n_genes_used": int(x.shape[1]),
         "n_pcs": n_pcs,
         "warnings": warnings,
+        **({"batch_key": cfg.batch_key, "n_batches": int(n_batches)} if cfg.batch_key else {}),
     }
     return Prepared(
         x=x,
@@ -160,6 +177,31 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         pca_mean=x.mean(0),
         pca_components=comps,
     )
+
+
+def _batches(adata: ad.AnnData, key: str) -> np.ndarray:
+    """The batch of every cell, as strings; a missing column or missing values are refused."""
+    if key not in adata.obs:
+        cols = ", ".join(map(str, adata.obs.columns)) or "none"
+        raise InputError(f"batch_key '{key}' is not an obs column; available: {cols}.")
+    col = adata.obs[key]
+    if col.isna().any():
+        raise InputError(
+            f"batch_key '{key}' is missing for {int(col.isna().sum())} cells. Give every cell "
+            "a batch (or drop those cells)."
+        )
+    return col.astype(str).to_numpy()
+
+
+def _check_batches(batch, key: str) -> None:
+    """ComBat estimates a mean and variance per batch: a batch of one cell has no variance."""
+    sizes = batch.value_counts()
+    small = sizes[sizes < 2]
+    if len(small):
+        raise InputError(
+            f"batch_key '{key}': batch '{small.index[0]}' has {int(small.iloc[0])} cell; "
+            "ComBat needs at least 2 cells per batch. Merge or drop the smallest batches."
+        )
 
 
 def _values_kind(X, declared: str) -> ValueKind:
