@@ -288,6 +288,9 @@ def log_fit(
     if label_key is not None and label_key not in adata.obs:
         raise CICLError(f"label_key '{label_key}' is not an obs column.")
     uri = resolve_mlflow_uri(uri, Path("runs").resolve())
+    if run_id is not None:  # report the experiment the run is in
+        client = mlflow_client(uri)
+        experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
     info = adata.uns[key]
     used = CICLConfig.from_dict(info["params"]).with_overrides(
         {"cluster.n_clusters": int(info["n_clusters"])}

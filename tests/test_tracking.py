@@ -126,7 +126,7 @@ def test_python_api_logs_a_fit_new_run_or_the_active_one(tmp_path, tiny_cfg):
         with mlflow.start_run(experiment_id=client.get_experiment_by_name("nb").experiment_id) as r:
             mlflow.log_param("notebook", "yes")
             into = cicl.log_fit(adata, uri=uri, run_id=r.info.run_id, figure=False)
-            assert into["run_id"] == r.info.run_id
+            assert into["run_id"] == r.info.run_id and into["experiment"] == "nb"
             assert client.get_run(r.info.run_id).info.status == "RUNNING"
     finally:
         mlflow.set_tracking_uri(None)
