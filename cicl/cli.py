@@ -387,6 +387,11 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "n_cells": int(n_cells),
         "n_genes": int(n_genes),
         "n_genes_used": int(info["preprocess"]["n_genes_used"]),
+        **(
+            {"n_batches": int(info["preprocess"]["n_batches"])}
+            if "n_batches" in info["preprocess"]
+            else {}
+        ),
         "values": info["preprocess"]["values"],
         "n_clusters": int(info["n_clusters"]),
         "n_clusters_source": info["n_clusters_source"],
@@ -401,7 +406,9 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
     sizes = obs[key].value_counts().sort_index()
     lines = [
         f"CICL: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}; "
-        f"{r['n_genes_used']} genes used)",
+        f"{r['n_genes_used']} genes used"
+        + (f"; ComBat over {r['n_batches']} batches" if r.get("n_batches", 1) > 1 else "")
+        + ")",
         f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
         f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s); "

@@ -51,7 +51,9 @@ def test_cli_fit_with_batch_key_on_real_data(tmp_path, baron_two_runs, capsys):
     out = tmp_path / "out.h5ad"
     args = ["fit", str(inp), "--out", str(out), "-k", "13", "--batch-key", "run"]
     assert main([*args, "--label-key", "cell_type", "--json", "--quiet", "--seed", "2"]) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    line = json.loads(captured.out.strip().splitlines()[-1])
+    assert line["n_batches"] == 2 and "ComBat over 2 batches" in captured.err  # the summary
     res = ad.read_h5ad(out)
     assert res.uns["cicl"]["params"]["preprocess"]["batch_key"] == "run"
     assert res.uns["cicl"]["preprocess"]["n_batches"] == 2
