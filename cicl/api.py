@@ -186,12 +186,6 @@ def fit_h5ad_stream(
     cfg = config or CICLConfig()
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
-    if cfg.preprocess.batch_key is not None:
-        raise InputError(
-            "--batch-key (preprocess.batch_key) needs every cell in memory (ComBat), so it does "
-            "not work on a streamed .h5ad (--stream, or an atlas large enough to stream). "
-            "Correct the batches first (e.g. scanpy's combat, scVI) and fit the corrected matrix."
-        )
     t0 = time.perf_counter()
     transform, prep, n, _ = fit_on_sample(path, cfg.preprocess, n_sample, seed=cfg.seed)
     if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > n:

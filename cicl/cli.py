@@ -23,7 +23,7 @@ STREAM_MIN_CELLS = 200_000
 
 BATCH_HELP = (
     "obs column naming each cell's batch (sample/donor/run): HVGs within batches and "
-    "scanpy's ComBat before scaling (in-memory fits)"
+    "scanpy's ComBat before scaling"
 )
 
 

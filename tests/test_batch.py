@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from cicl.api import fit_h5ad_stream
 from cicl.cli import main
-from cicl.config import CICLConfig, PreprocessConfig
+from cicl.config import PreprocessConfig
 from cicl.data.preprocess import preprocess
+from cicl.data.stream import H5adSource, _with_every_batch, fit_on_sample
 from cicl.data.synthetic import synthetic_adata
 from cicl.errors import InputError
 
@@ -93,21 +93,51 @@ def test_one_batch_is_a_warning_not_a_correction():
     assert any("one batch" in w for w in p.info["warnings"])
 
 
-def test_batch_key_is_one_clear_error_when_streaming(tmp_path, capsys):
-    inp = tmp_path / "in.h5ad"
-    _tiny().write_h5ad(inp)
+def test_streamed_blocks_get_the_same_combat_as_in_memory(tmp_path, baron_two_runs):
+    """ComBat fitted on the sample is applied to every block by the cell's batch: with the
+    whole file as the sample, blocks equal the in-memory preprocessing."""
+    path = tmp_path / "runs.h5ad"
+    baron_two_runs.write_h5ad(path)
+    cfg = PreprocessConfig(batch_key="run")
+    t, _, n, _ = fit_on_sample(path, cfg, n_sample=10**9)
+    full = preprocess(baron_two_runs, cfg)
+    src = H5adSource(path, 100, n, t)
+    x, pcs = src.read(np.arange(50, 400))
+    assert np.allclose(x, full.x[150:500], atol=1e-4)
+    assert np.allclose(pcs, full.pcs[150:500], atol=1e-3)
+    # fitted on 300 cells only, it still takes the batch out of all cells' PCs
+    t, _, _, _ = fit_on_sample(path, cfg, n_sample=300)
+    _, pcs = H5adSource(path, 0, n, t).read(np.arange(n))
+    t0, _, _, _ = fit_on_sample(path, PreprocessConfig(), n_sample=300)
+    _, pcs0 = H5adSource(path, 0, n, t0).read(np.arange(n))
+    runs = baron_two_runs.obs["run"]
+    assert silhouette_score(pcs, runs) < 0.5 * silhouette_score(pcs0, runs)  # 0.007 vs 0.024
+
+
+def test_sample_has_every_batch():
+    codes = np.r_[np.zeros(1000, int), np.ones(3, int), np.full(200, 2)]
+    rows = np.arange(0, 1000, 10)  # none of batches 1 and 2
+    got = _with_every_batch(rows, codes, np.random.default_rng(0), per_batch=50)
+    assert np.bincount(codes[got]).tolist() == [100, 3, 50]
+    assert (np.diff(got) > 0).all()
+
+
+def test_cli_streamed_fit_with_batch_key(tmp_path, baron_two_runs, capsys):
+    inp = tmp_path / "runs.h5ad"
+    baron_two_runs.write_h5ad(inp)
     out = tmp_path / "out.h5ad"
-    with pytest.raises(InputError, match="needs every cell in memory"):
-        fit_h5ad_stream(
-            inp, out, 3, config=CICLConfig().with_overrides({"preprocess.batch_key": "donor"})
-        )
-    rc = main(["fit", str(inp), "--out", str(out), "--stream", "--batch-key", "donor"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "needs every cell in memory" in err and "Traceback" not in err
-    assert not out.exists()
-    rc = main(["fit", str(inp), "--out", str(out), "--batch-key", "nope"])
-    assert rc == 2 and "'nope' is not an obs column" in capsys.readouterr().err
-    assert not out.exists()
+    args = ["fit", str(inp), "--out", str(out), "-k", "13", "--stream", "--quiet", "--json"]
+    assert main([*args, "--batch-key", "run", "--label-key", "cell_type"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = ad.read_h5ad(out)
+    assert line["streamed"] and res.uns["cicl"]["preprocess"]["n_batches"] == 2
+    assert line["ari"] > 0.5
+    assert abs(adjusted_rand_score(res.obs["run"], res.obs["cicl"])) < 0.02
+    out.unlink()
+    assert main([*args, "--batch-key", "nope"]) == 2
+    assert "'nope' is not an obs column" in capsys.readouterr().err and not out.exists()
+    assert main(["fit", str(inp), "--out", str(out), "--batch-key", "nope"]) == 2
+    assert "'nope' is not an obs column" in capsys.readouterr().err and not out.exists()
 
 
 def test_python_api_takes_batch_key(tiny_cfg):

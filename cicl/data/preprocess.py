@@ -34,6 +34,10 @@ class Prepared:
     scale_sd: np.ndarray | None = None
     pca_mean: np.ndarray | None = None  # (n_genes_used,)
     pca_components: np.ndarray | None = None  # (n_genes_used, n_pcs), signs fixed
+    # with a batch key: what ComBat did, per batch and gene ``after = slope * before + shift``
+    batch_names: np.ndarray | None = None  # (n_batches,)
+    batch_slope: np.ndarray | None = None  # (n_batches, n_genes_used)
+    batch_shift: np.ndarray | None = None
 
 
 def _values(X) -> np.ndarray:
@@ -67,7 +71,7 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     work.obs_names = np.asarray(adata.obs_names).astype(str)
     kind = _values_kind(work.X, cfg.values)
     if cfg.batch_key is not None:
-        work.obs["batch"] = _batches(adata, cfg.batch_key)
+        work.obs["batch"] = batches(adata, cfg.batch_key)
     steps: list[str] = [] if cfg.values == "auto" else [f"values declared '{cfg.values}'"]
     warnings: list[str] = []
 
@@ -141,10 +145,13 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
     else:
         steps.append(f"kept all {work.n_vars} genes (<= n_top_genes={n_top})")
 
+    combat_map: tuple = (None, None, None)
     if by_batch:
+        before = work.X.toarray() if sp.issparse(work.X) else np.array(work.X)
         with np.errstate(divide="ignore", invalid="ignore"):  # its convergence test divides by 0
             sc.pp.combat(work, key="batch")  # per-gene location/scale per batch, empirical Bayes
         steps.append(f"combat(key='{cfg.batch_key}', {n_batches} batches)")
+        combat_map = _affine_per_batch(before, np.asarray(work.X), work.obs["batch"].to_numpy())
     x = work.X.toarray() if sp.issparse(work.X) else np.asarray(work.X)
     x = x.astype(np.float32)
     mu = sd = None
@@ -176,10 +183,13 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
         scale_sd=sd,
         pca_mean=x.mean(0),
         pca_components=comps,
+        batch_names=combat_map[0],
+        batch_slope=combat_map[1],
+        batch_shift=combat_map[2],
     )
 
 
-def _batches(adata: ad.AnnData, key: str) -> np.ndarray:
+def batches(adata: ad.AnnData, key: str) -> np.ndarray:
     """The batch of every cell, as strings; a missing column or missing values are refused."""
     if key not in adata.obs:
         cols = ", ".join(map(str, adata.obs.columns)) or "none"
@@ -191,6 +201,26 @@ def _batches(adata: ad.AnnData, key: str) -> np.ndarray:
             "a batch (or drop those cells)."
         )
     return col.astype(str).to_numpy()
+
+
+def _affine_per_batch(
+    before: np.ndarray, after: np.ndarray, batch: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch names and, per batch and gene, ``slope``/``shift`` with ``after = slope * before
+    + shift``: ComBat without covariates is exactly this map, so it can be applied to cells it
+    never saw (streamed blocks). A gene constant within a batch keeps slope 1."""
+    names, codes = np.unique(batch, return_inverse=True)
+    slope = np.ones((len(names), before.shape[1]), np.float32)
+    shift = np.zeros_like(slope)
+    for b in range(len(names)):
+        u, v = before[codes == b].astype(np.float64), after[codes == b].astype(np.float64)
+        mu, mv = u.mean(0), v.mean(0)
+        var = ((u - mu) ** 2).mean(0)
+        ok = var > 1e-12
+        cov = ((u - mu) * (v - mv)).mean(0)
+        slope[b] = np.where(ok, cov / np.where(ok, var, 1.0), 1.0)
+        shift[b] = mv - slope[b] * mu
+    return names, slope, shift
 
 
 def _check_batches(batch, key: str) -> None:

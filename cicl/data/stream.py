@@ -10,7 +10,8 @@ the file on shared storage (EFS/NFS/FSx, or an S3 mount).
 Preprocessing is fitted once on a random sample of cells with the same scanpy pipeline as the
 in-memory path (``preprocess``), then applied per block: library normalisation and log1p are
 per cell, HVG selection, scaling and PCA projection use the sample's genes, means, SDs and
-loadings.
+loadings. With a batch key, ComBat runs on the sample (``preprocess``), which also returns the
+map ComBat applied (affine per batch and gene); blocks get it by each cell's batch.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ class BlockTransform:
     max_value: float
     pca_mean: np.ndarray
     pca_components: np.ndarray  # (genes used, n_pcs)
+    # with a batch key: every file row's batch, and per batch and gene the affine map that
+    # ComBat applied to the sample (before scaling)
+    batch_codes: np.ndarray | None = None  # (n_cells_in_file,)
+    batch_slope: np.ndarray | None = None  # (n_batches, genes used)
+    batch_shift: np.ndarray | None = None
 
-    def __call__(self, X) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, X, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Model input and PCs of raw rows ``X`` (file rows ``rows``, needed with batches)."""
         X = sp.csr_matrix(X, dtype=np.float32)
         if self.kind == "counts":
             lib = np.asarray(X.sum(1)).ravel()
@@ -49,6 +56,9 @@ class BlockTransform:
         elif self.kind == "unlogged":
             X.data = np.log1p(X.data)
         x = X[:, self.gene_idx].toarray()
+        if self.batch_slope is not None:  # ComBat, as fitted on the sample
+            b = self.batch_codes[np.asarray(rows)]
+            x = x * self.batch_slope[b] + self.batch_shift[b]
         if self.scale_mean is not None:
             x = np.clip((x - self.scale_mean) / self.scale_sd, -self.max_value, self.max_value)
         x = x.astype(np.float32)
@@ -80,11 +90,18 @@ def fit_on_sample(
     a.file.close()
     if n == 0 or g == 0:
         raise InputError(f"'{path}' has {n} cells and {g} genes; nothing to cluster.")
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, n_sample), replace=False))
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, min(n, n_sample), replace=False))
+    codes = None
+    if cfg.batch_key is not None:
+        codes, names = _batch_codes(path, cfg.batch_key)
+        rows = _with_every_batch(rows, codes, rng)
     with h5py.File(path, "r") as f:
         X = _read_rows(f, rows)
     sample = ad.AnnData(X=X)
     sample.var_names = var_names
+    if codes is not None:
+        sample.obs[cfg.batch_key] = names[codes[rows]]
     kind = detect_values(sample.X)
     prep = preprocess(sample, cfg)
     pos = {name: i for i, name in enumerate(var_names)}
@@ -98,8 +115,43 @@ def fit_on_sample(
         pca_mean=prep.pca_mean,
         pca_components=prep.pca_components,
     )
+    if prep.batch_names is not None:  # the sample's ComBat map, by each file row's batch
+        pos = {str(name): i for i, name in enumerate(prep.batch_names)}
+        order = np.array([pos.get(str(name), -1) for name in names])
+        if (order < 0).any():
+            raise InputError(
+                f"batch '{names[order < 0][0]}' has no expressed cell in the sample used to fit "
+                "the preprocessing. Drop its cells or give it a larger share of the file."
+            )
+        t.batch_codes = order[codes].astype(codes.dtype)
+        t.batch_slope, t.batch_shift = prep.batch_slope, prep.batch_shift
     prep.info["steps"].insert(0, f"fitted on a random sample of {len(rows)} of {n} cells")
     return t, prep, n, g
+
+
+def _batch_codes(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every cell's batch as a small integer code, and the batch names."""
+    from cicl.data.preprocess import batches
+
+    a = ad.read_h5ad(path, backed="r")
+    try:
+        names, codes = np.unique(batches(a, key), return_inverse=True)
+    finally:
+        a.file.close()
+    dtype = np.int16 if len(names) < 2**15 else np.int32
+    return codes.astype(dtype), names
+
+
+def _with_every_batch(rows: np.ndarray, codes: np.ndarray, rng, per_batch: int = 50) -> np.ndarray:
+    """The random sample, topped up so that every batch has ``per_batch`` cells in it (or all
+    of its cells): ComBat and the per-batch map need each batch seen."""
+    extra = []
+    have = np.bincount(codes[rows], minlength=int(codes.max()) + 1)
+    for b in np.flatnonzero(have < per_batch):
+        members = np.setdiff1d(np.flatnonzero(codes == b), rows)
+        need = min(per_batch - have[b], len(members))
+        extra.append(rng.choice(members, need, replace=False))
+    return np.sort(np.concatenate([rows, *extra])) if extra else rows
 
 
 class H5adSource:
@@ -117,7 +169,8 @@ class H5adSource:
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._f is None:
             self._f = h5py.File(self.path, "r")
-        return self.transform(_read_rows(self._f, np.asarray(idx) + self.start))
+        rows = np.asarray(idx) + self.start
+        return self.transform(_read_rows(self._f, rows), rows)
 
     def close(self) -> None:
         if self._f is not None:
