@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
-from cicl.data.preprocess import Prepared, detect_values, preprocess
+from cicl.data.preprocess import Prepared, batches, detect_values, preprocess
 from cicl.errors import InputError
 
 
@@ -131,8 +131,6 @@ def fit_on_sample(
 
 def _batch_codes(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Every cell's batch as a small integer code, and the batch names."""
-    from cicl.data.preprocess import batches
-
     a = ad.read_h5ad(path, backed="r")
     try:
         names, codes = np.unique(batches(a, key), return_inverse=True)
@@ -145,13 +143,20 @@ def _batch_codes(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 def _with_every_batch(rows: np.ndarray, codes: np.ndarray, rng, per_batch: int = 50) -> np.ndarray:
     """The random sample, topped up so that every batch has ``per_batch`` cells in it (or all
     of its cells): ComBat and the per-batch map need each batch seen."""
+    n_batches = int(codes.max()) + 1
+    have = np.bincount(codes[rows], minlength=n_batches)
+    short = np.flatnonzero(have < per_batch)
+    if not len(short):
+        return rows
+    order = np.argsort(codes, kind="stable")  # cells grouped by batch, one pass for all
+    start = np.r_[0, np.cumsum(np.bincount(codes, minlength=n_batches))]
     extra = []
-    have = np.bincount(codes[rows], minlength=int(codes.max()) + 1)
-    for b in np.flatnonzero(have < per_batch):
-        members = np.setdiff1d(np.flatnonzero(codes == b), rows)
+    for b in short:
+        members = order[start[b] : start[b + 1]]
+        members = members[~np.isin(members, rows)]
         need = min(per_batch - have[b], len(members))
         extra.append(rng.choice(members, need, replace=False))
-    return np.sort(np.concatenate([rows, *extra])) if extra else rows
+    return np.sort(np.concatenate([rows, *extra]))
 
 
 class H5adSource:
