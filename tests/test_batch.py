@@ -37,6 +37,7 @@ def test_combat_removes_the_batch_from_the_pca_and_keeps_the_cell_types(baron_tw
     plain = preprocess(a, PreprocessConfig())
     fixed = preprocess(a, PreprocessConfig(batch_key="run"))
     assert fixed.info["batch_key"] == "run" and fixed.info["n_batches"] == 2
+    assert fixed.batch_slope is None  # the map (a copy of X) only when streaming asks for it
     assert "combat(key='run', 2 batches)" in fixed.info["steps"]
     assert any("batch_key='run'" in s for s in fixed.info["steps"])  # HVGs within batches
     sil_batch = [silhouette_score(p.pcs, a.obs["run"]) for p in (plain, fixed)]

@@ -34,7 +34,8 @@ class Prepared:
     scale_sd: np.ndarray | None = None
     pca_mean: np.ndarray | None = None  # (n_genes_used,)
     pca_components: np.ndarray | None = None  # (n_genes_used, n_pcs), signs fixed
-    # with a batch key: what ComBat did, per batch and gene ``after = slope * before + shift``
+    # with ``keep_combat_map``: what ComBat did, per batch and gene ``after = slope * before
+    # + shift``
     batch_names: np.ndarray | None = None  # (n_batches,)
     batch_slope: np.ndarray | None = None  # (n_batches, n_genes_used)
     batch_shift: np.ndarray | None = None
@@ -61,8 +62,16 @@ def detect_values(X, sample: int = 2_000_000) -> ValueKind:
     return "log"
 
 
-def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = None) -> Prepared:
-    """Return the model input for ``adata`` without modifying it."""
+def preprocess(
+    adata: ad.AnnData,
+    cfg: PreprocessConfig,
+    *,
+    layer: str | None = None,
+    keep_combat_map: bool = False,
+) -> Prepared:
+    """Return the model input for ``adata`` without modifying it. ``keep_combat_map``: also
+    return the map ComBat applied (streaming applies it to cells outside the sample; it costs
+    a copy of the matrix, so in-memory fits skip it)."""
     X = adata.layers[layer] if layer is not None else adata.X
     X = X.astype(np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
     X = sp.csr_matrix(X)
@@ -147,11 +156,12 @@ def preprocess(adata: ad.AnnData, cfg: PreprocessConfig, *, layer: str | None = 
 
     combat_map: tuple = (None, None, None)
     if by_batch:
-        before = work.X.toarray() if sp.issparse(work.X) else np.array(work.X)
+        before = sp.csr_matrix(work.X).toarray() if keep_combat_map else None
         with np.errstate(divide="ignore", invalid="ignore"):  # its convergence test divides by 0
             sc.pp.combat(work, key="batch")  # per-gene location/scale per batch, empirical Bayes
         steps.append(f"combat(key='{cfg.batch_key}', {n_batches} batches)")
-        combat_map = _affine_per_batch(before, np.asarray(work.X), work.obs["batch"].to_numpy())
+        if before is not None:
+            combat_map = _affine_per_batch(before, np.asarray(work.X), work.obs["batch"].to_numpy())
     x = work.X.toarray() if sp.issparse(work.X) else np.asarray(work.X)
     x = x.astype(np.float32)
     mu = sd = None

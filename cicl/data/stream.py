@@ -103,7 +103,7 @@ def fit_on_sample(
     if codes is not None:
         sample.obs[cfg.batch_key] = names[codes[rows]]
     kind = detect_values(sample.X)
-    prep = preprocess(sample, cfg)
+    prep = preprocess(sample, cfg, keep_combat_map=True)
     pos = {name: i for i, name in enumerate(var_names)}
     gene_idx = np.array([pos[str(name)] for name in prep.genes])
     t = BlockTransform(
