@@ -9,6 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "fit": "cicl.api",
     "score": "cicl.api",
+    "predict": "cicl.reference",
     "log_fit": "cicl.tracking",
     "CICLConfig": "cicl.config",
     "load_config": "cicl.config",

@@ -17,6 +17,7 @@ from cicl.data.io import check_matrix
 from cicl.data.preprocess import preprocess
 from cicl.errors import InputError
 from cicl.objective import score_labels
+from cicl.reference import model_record
 
 if TYPE_CHECKING:
     from cicl.distributed import RayOptions
@@ -70,7 +71,9 @@ def fit(
             "Use fewer clusters."
         )
     t0 = time.perf_counter()
-    prep = preprocess(adata, cfg.preprocess, layer=layer)
+    # with a batch key, keep ComBat's map: stored with the model, so ``predict`` can apply it
+    keep_map = cfg.preprocess.batch_key is not None
+    prep = preprocess(adata, cfg.preprocess, layer=layer, keep_combat_map=keep_map)
     k, source = _choose_k(cfg, prep.pcs)
     if workers is not None and ray_options is None:
         ray_options = RayOptions(workers=workers)
@@ -87,8 +90,9 @@ def fit(
     # label-free quality of the partition, the sweeps' default objective: comparable across
     # runs, K and configs because the PCA space is the same for all of them
     sil = score_labels("silhouette_pca", res.labels, prep.pcs)  # the sweeps' fixed sample
+    model = model_record(res, prep, cfg.preprocess.max_value)
     write_result(
-        adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers, prep.cell_mask
+        adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers, prep.cell_mask, model
     )
     adata.uns[key_added]["silhouette_pca"] = float(sil)
     return adata if copy else None
@@ -114,9 +118,11 @@ def write_result(
     seconds: float,
     workers: int = 1,
     cell_mask: np.ndarray | None = None,
+    model: dict | None = None,
 ) -> None:
     """Write labels/embedding/uns; cells outside ``cell_mask`` (dropped by preprocessing) get
-    a missing label and a NaN embedding row."""
+    a missing label and a NaN embedding row. ``model`` (``reference.model_record``) goes to
+    ``uns[key_added]["model"]``."""
     n = adata.n_obs
     mask = np.ones(n, dtype=bool) if cell_mask is None else np.asarray(cell_mask, dtype=bool)
     codes = np.full(n, -1, dtype=int)
@@ -139,6 +145,8 @@ def write_result(
         "workers": int(workers),
         "timings": {k: float(v) for k, v in res.timings.items()},
     }
+    if model is not None:
+        adata.uns[key_added]["model"] = model
 
 
 def _h5_safe(d: Any) -> Any:
@@ -217,7 +225,9 @@ def fit_h5ad_stream(
     info = dict(prep.info, n_cells=int(n))
     holder = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(res.labels))]))
     workers = ray_options.workers if ray_options is not None else 1
-    write_result(holder, res, cfg, info, k, source, key_added, time.perf_counter() - t0, workers)
+    seconds = time.perf_counter() - t0
+    model = model_record(res, prep, cfg.preprocess.max_value)
+    write_result(holder, res, cfg, info, k, source, key_added, seconds, workers, model=model)
     annotate_h5ad_copy(
         path,
         out,

@@ -127,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ray_args(f)
 
+    q = sub.add_parser(
+        "predict",
+        help="assign new cells to the clusters of a fitted .h5ad (no refitting)",
+    )
+    q.add_argument("input", help="new cells: .h5ad, 10x .h5, .loom, .csv/.tsv or a 10x folder")
+    q.add_argument(
+        "--reference", "-r", required=True, help="the .h5ad `cicl fit` wrote (its model)"
+    )
+    q.add_argument("--out", "-o", required=True, help="output .h5ad (never an input)")
+    q.add_argument("--key", default="cicl", help="the reference's key (its --key-added)")
+    q.add_argument("--key-added", default=None, help="where to write (default: --key)")
+    q.add_argument(
+        "--batch-key",
+        default=None,
+        help="obs column with the new cells' batches, for a batch-corrected reference "
+        "(default: the reference's batch key)",
+    )
+    q.add_argument(
+        "--label-key",
+        default=None,
+        help="obs column with known labels: ARI/NMI are reported, never used to choose",
+    )
+    q.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
+    q.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    q.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
     s = sub.add_parser(
         "simulate", help="write a synthetic atlas (per-cluster negative binomial) like a real one"
     )
@@ -273,14 +299,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if _wants_stream(args):
         return _fit_stream(args, cfg, k, ray_opts, out, t0, track)
     adata = read_input(args.input)
-    if args.label_key is not None:
-        if args.label_key not in adata.obs:
-            raise CICLError(
-                f"--label-key '{args.label_key}' is not an obs column; "
-                f"available: {', '.join(map(str, adata.obs.columns)) or 'none'}."
-            )
-        if adata.obs[args.label_key].isna().any():
-            raise CICLError(f"--label-key '{args.label_key}' has missing values.")
+    _check_label_key(adata, args.label_key)
     with warnings.catch_warnings():  # preprocessing warnings are printed as one line each
         warnings.simplefilter("ignore")
         fit(
@@ -311,6 +330,78 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _summary(adata.obs, args.key_added, result)
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def _check_label_key(adata, key: str | None) -> None:
+    if key is None:
+        return
+    if key not in adata.obs:
+        raise CICLError(
+            f"--label-key '{key}' is not an obs column; "
+            f"available: {', '.join(map(str, adata.obs.columns)) or 'none'}."
+        )
+    if adata.obs[key].isna().any():
+        raise CICLError(f"--label-key '{key}' has missing values.")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cicl.api import score
+    from cicl.data.io import check_output, read_input, write_h5ad_atomic
+    from cicl.reference import load_reference, predict
+
+    out = check_output(args.input, args.out, args.force)
+    ref_path = Path(args.reference)
+    if ref_path.exists() and out.exists() and out.resolve() == ref_path.resolve():
+        raise CICLError("The output path is the reference file. Choose another --out path.")
+    t0 = time.perf_counter()
+    ref = load_reference(ref_path, args.key)  # checked before the (maybe large) input is read
+    adata = read_input(args.input)
+    _check_label_key(adata, args.label_key)
+    key = args.key_added or args.key
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        predict(adata, ref, key=args.key, key_added=key, layer=args.layer, batch_key=args.batch_key)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+    info = adata.uns[key]
+    conf = adata.obs[key + "_confidence"].to_numpy()
+    r: dict[str, Any] = {
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "values": info["values"],
+        "n_genes_model": int(info["n_genes_model"]),
+        "n_genes_missing": int(info["n_genes_missing"]),
+        "n_clusters": int(info["n_clusters"]),
+        "median_confidence": round(float(np.median(conf)), 4),
+        "reference": str(ref_path),
+    }
+    if info["n_cells_uncorrected"]:
+        r["n_cells_uncorrected"] = int(info["n_cells_uncorrected"])
+    if args.label_key is not None:
+        r.update(score(adata.obs[key].to_numpy(), adata.obs[args.label_key]))
+    write_h5ad_atomic(adata, out)
+    r["seconds"] = round(time.perf_counter() - t0, 2)
+    r["output"] = str(out)
+    sizes = adata.obs[key].value_counts().sort_index()
+    lines = [
+        f"CICL predict: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}; "
+        f"{r['n_genes_model'] - r['n_genes_missing']} of the reference's {r['n_genes_model']} "
+        "genes present)",
+        f"  assigned to the reference's {r['n_clusters']} clusters; sizes "
+        f"{', '.join(f'{c}:{n}' for c, n in sizes.items())}",
+        f"  median confidence {r['median_confidence']:.3f} (Student's t probability of the "
+        f"assigned cluster); {r['seconds']:.1f} s",
+    ]
+    if "ari" in r:
+        lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
+    lines.append(
+        f"  wrote {out}: obs['{key}'], obs['{key}_confidence'], obsm['X_{key}'], uns['{key}']"
+    )
+    print("\n".join(lines), file=sys.stderr)
+    if args.json:
+        print(json.dumps(r))
     return 0
 
 
@@ -597,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fit":
             return cmd_fit(args)
+        if args.command == "predict":
+            return cmd_predict(args)
         if args.command == "simulate":
             return cmd_simulate(args)
         if args.command == "tune":

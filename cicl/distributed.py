@@ -225,6 +225,9 @@ def _from_meta(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResul
         epochs=meta["epochs"],
         steps=meta["steps"],
         timings=meta.get("timings", {}),
+        encoder_state=dict(np.load(out_dir / "encoder.npz")),
+        pca_center=None if meta["pca_center"] is None else np.asarray(meta["pca_center"]),
+        pca_scale=meta["pca_scale"],
     )
 
 
@@ -338,7 +341,12 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "history": res.history,
         "epochs": res.epochs,
         "steps": res.steps,
+        "pca_center": None if res.pca_center is None else res.pca_center.tolist(),
+        "pca_scale": res.pca_scale,
     }
+    tmp = out / ".encoder.tmp.npz"  # the trained encoder, for predicting new cells
+    np.savez(tmp, **res.encoder_state)
+    os.replace(tmp, out / "encoder.npz")
     tmp = out / ".meta.tmp"
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, out / "meta.json")

@@ -14,3 +14,15 @@ def test_math_layer_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_anndata_layer_imports_no_wiring():
+    code = (
+        "import sys; import cicl.api, cicl.reference, cicl.data.io, cicl.data.preprocess, "
+        "cicl.data.stream, cicl.data.estimate; "
+        "bad = [m for m in ('ray', 'mlflow', 'cicl.distributed', 'cicl.sweep', "
+        "'cicl.tracking', 'cicl.cli') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

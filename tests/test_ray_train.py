@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+import cicl
 from cicl.distributed import RayOptions, fit_ray
 
 
@@ -98,6 +99,10 @@ def test_cli_fit_with_workers(data_dir, local_ray, tmp_path):
     a = ad.read_h5ad(out)
     assert a.uns["cicl"]["workers"] == 2
     assert a.obs["cicl"].nunique() == 4
+    # rank 0 hands back the trained encoder: the fit is a reference for new cells
+    b = ad.read_h5ad(data_dir / "biase.h5ad")
+    cicl.predict(b, a)
+    assert np.array_equal(b.obs["cicl"].to_numpy(), a.obs["cicl"].to_numpy())
 
 
 def test_cli_rejects_bad_workers(tmp_path, data_dir, capsys):

@@ -82,6 +82,12 @@ def test_cli_fit_stream_single_process(sim, tmp_path):
     assert a.obsm["X_cicl"].shape[0] == 3000
     assert a.uns["cicl"]["n_clusters"] == 11
     assert adjusted_rand_score(a.obs["cell_type"], a.obs["cicl"]) > 0.4
+    # a streamed fit stores its model too: mapping the atlas' own cells gives their labels
+    import cicl
+
+    src.obs = src.obs[["cell_type"]]
+    cicl.predict(src, a, key_added="p")
+    assert np.mean(src.obs["p"].to_numpy() == a.obs["cicl"].to_numpy()) > 0.99
 
 
 def test_stream_rejects_non_h5ad(tmp_path, capsys):

@@ -66,7 +66,7 @@ def read_input(path: str | Path) -> ad.AnnData:
     return adata
 
 
-def check_matrix(adata: ad.AnnData, layer: str | None = None) -> None:
+def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 10) -> None:
     """Refuse inputs that cannot be clustered, with a message that says what to do."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(
@@ -84,8 +84,8 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None) -> None:
         raise InputError(
             "The expression matrix contains NaN or infinite values. Remove or impute them first."
         )
-    if adata.n_obs < 10:
-        raise InputError(f"Only {adata.n_obs} cells: clustering needs at least 10.")
+    if adata.n_obs < min_cells:
+        raise InputError(f"Only {adata.n_obs} cells: clustering needs at least {min_cells}.")
     for axis, names, fix in (
         ("cell", adata.obs_names, "obs_names_make_unique"),
         ("gene", adata.var_names, "var_names_make_unique"),

@@ -34,7 +34,7 @@ class BlockTransform:
     """Preprocessing fitted on a sample, applied to any block of raw rows."""
 
     kind: str
-    gene_idx: np.ndarray  # columns of the file's X used, in model order
+    gene_idx: np.ndarray  # columns of the file's X used, in model order (-1: not in the file)
     scale_mean: np.ndarray | None
     scale_sd: np.ndarray | None
     max_value: float
@@ -55,10 +55,15 @@ class BlockTransform:
             X.data = np.log1p(X.data)
         elif self.kind == "unlogged":
             X.data = np.log1p(X.data)
-        x = X[:, self.gene_idx].toarray()
+        missing = self.gene_idx < 0  # genes the model uses that these cells lack (predict)
+        x = X[:, np.where(missing, 0, self.gene_idx)].toarray()
         if self.batch_slope is not None:  # ComBat, as fitted on the sample
             b = self.batch_codes[np.asarray(rows)]
-            x = x * self.batch_slope[b] + self.batch_shift[b]
+            known = b >= 0  # predict: cells of batches ComBat never saw stay uncorrected
+            x[known] = x[known] * self.batch_slope[b[known]] + self.batch_shift[b[known]]
+        if missing.any():  # at the reference cells' mean: scaled to 0, no pull on any PC
+            fill = self.scale_mean if self.scale_mean is not None else self.pca_mean
+            x[:, missing] = fill[missing]
         if self.scale_mean is not None:
             x = np.clip((x - self.scale_mean) / self.scale_sd, -self.max_value, self.max_value)
         x = x.astype(np.float32)

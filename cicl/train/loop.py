@@ -39,6 +39,11 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # what maps new cells into the same space (``embed_new``): the trained encoder's weights
+    # and, for the hybrid space, the PCA block's centre and scale
+    encoder_state: dict[str, np.ndarray] = field(default_factory=dict)
+    pca_center: np.ndarray | None = None
+    pca_scale: float = 1.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,9 +155,11 @@ def train(
             augment(xt, nbr_rows(all_idx), cfg.augment, gen),
         )
 
-    pca_block = None
+    pca_block = pca_center = None
+    pca_scale = 1.0
     if cfg.cluster.space == "hybrid":
-        pca_block = _pca_block(pcs, cfg.cluster.pca_weight, comm).to(device)
+        pca_center, pca_scale = _pca_stats(pcs, cfg.cluster.pca_weight, comm)
+        pca_block = torch.from_numpy(_pca_part(pcs, pca_center, pca_scale)).to(device)
 
     def space(h: torch.Tensor) -> torch.Tensor:
         if cfg.cluster.space == "euclidean":
@@ -279,7 +286,48 @@ def train(
         epochs=epochs,
         steps=steps,
         seconds=time.perf_counter() - t0,
+        encoder_state=encoder_state(model),
+        pca_center=pca_center,
+        pca_scale=pca_scale,
     )
+
+
+def encoder_state(model: CICLModel) -> dict[str, np.ndarray]:
+    """The encoder's weights and buffers as CPU arrays (what ``embed_new`` rebuilds it from)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.encoder.state_dict().items()}
+
+
+def load_encoder(cfg: CICLConfig, state: dict[str, np.ndarray], n_genes: int) -> CICLModel:
+    """A trained model rebuilt from ``encoder_state`` (projection head untrained: unused),
+    in eval mode on ``cfg.train.device``."""
+    pca_init = (state["skip.weight"], state["skip.bias"]) if "skip.weight" in state else None
+    model = CICLModel(n_genes, cfg.model, state.get("groups"), pca_init)
+    model.encoder.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return model.to(resolve_device(cfg.train.device)).eval()
+
+
+@torch.no_grad()
+def embed_new(
+    model: CICLModel,
+    x: np.ndarray,
+    pcs: np.ndarray,
+    cfg: CICLConfig,
+    pca_center: np.ndarray | None = None,
+    pca_scale: float = 1.0,
+) -> np.ndarray:
+    """Clustering-space coordinates of cells preprocessed like the training cells (``x``
+    scaled genes in model order, ``pcs`` in the training PCA) under a trained encoder
+    (``load_encoder``): the space the training cells' labels and centroids live in."""
+    device = next(model.parameters()).device
+    h = embed(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device))
+    if cfg.cluster.space == "euclidean":
+        return h.cpu().numpy()
+    h = F.normalize(h, dim=1).cpu().numpy()
+    if cfg.cluster.space == "sphere":
+        return h
+    if pca_center is None:
+        raise ValueError("the hybrid space needs the training PCA block's centre and scale")
+    return np.concatenate([h, _pca_part(pcs, pca_center, pca_scale)], axis=1)
 
 
 def make_state(
@@ -384,13 +432,19 @@ def contrastive_step(
     return loss_i.item(), lc
 
 
-def _pca_block(pcs: np.ndarray, weight: float, comm: Comm) -> torch.Tensor:
-    """PCA scores centred and scaled to root-mean-square norm ``weight`` over all cells."""
+def _pca_stats(pcs: np.ndarray, weight: float, comm: Comm) -> tuple[np.ndarray, float]:
+    """Centre and scale that put the PCA scores at root-mean-square norm ``weight`` over all
+    cells (every rank's): the hybrid space's PCA block is ``(pcs - centre) * scale``."""
     p = torch.from_numpy(np.ascontiguousarray(pcs, dtype=np.float64))
     n = comm.sum(torch.tensor(float(p.shape[0]), dtype=torch.float64))
-    p = p - comm.sum(p.sum(0)) / n
-    rms = (comm.sum(p.pow(2).sum()) / n).sqrt()
-    return (p * (weight / rms)).to(torch.float32)
+    center = comm.sum(p.sum(0)) / n
+    rms = (comm.sum((p - center).pow(2).sum()) / n).sqrt()
+    return center.numpy(), float(weight / rms)
+
+
+def _pca_part(pcs: np.ndarray, center: np.ndarray, scale: float) -> np.ndarray:
+    """The hybrid space's PCA block (computed in float64, as its statistics)."""
+    return ((np.asarray(pcs, dtype=np.float64) - center) * scale).astype(np.float32)
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

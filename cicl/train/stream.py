@@ -30,6 +30,7 @@ from cicl.train.loop import (
     auto_epochs,
     build_model,
     contrastive_step,
+    encoder_state,
     load_state,
     make_state,
     resolve_device,
@@ -257,4 +258,7 @@ def train_stream(
         steps=steps,
         seconds=time.perf_counter() - t0,
         timings=timings,
+        encoder_state=encoder_state(model),
+        pca_center=np.asarray(pca_stats[0], dtype=np.float64),
+        pca_scale=p_scale,
     )

@@ -1,0 +1,231 @@
+"""Assign new cells to a fitted CICL clustering (``cicl.predict``, ``cicl predict``).
+
+A fit stores in ``uns[key]["model"]`` what maps raw cells into its clustering space: the genes
+it used, the preprocessing fitted on its cells (normalisation kind, scaling means and SDs, PCA
+loadings, ComBat's per-batch map), the trained encoder's weights and the hybrid space's PCA
+centre and scale. New cells go through exactly that, with no refitting (as scanpy's ``ingest``
+maps onto a reference's PCA), and each gets the cluster of its nearest final centroid, with the
+Student's t probability of that cluster as its confidence.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from cicl._keys import DEFAULT_KEY, embedding_key
+from cicl.config import CICLConfig
+from cicl.data.io import check_matrix
+from cicl.data.preprocess import Prepared, detect_values
+from cicl.data.stream import BlockTransform
+from cicl.errors import InputError
+from cicl.model.modules import student_t
+from cicl.train.loop import TrainResult, embed_new, load_encoder
+
+FORMAT = "cicl-model/1"
+MIN_GENE_SHARE = 0.5  # fewer of the model's genes than this in the new cells: refuse
+
+
+def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
+    """What ``predict`` needs, for ``uns[key]["model"]`` (h5ad-storable: arrays and numbers)."""
+    rec: dict = {
+        "format": FORMAT,
+        "genes": np.asarray(prep.genes).astype(str),
+        "values": prep.info["values"],
+        "max_value": float(max_value),
+        "pca_mean": np.asarray(prep.pca_mean, dtype=np.float32),
+        "pca_components": np.asarray(prep.pca_components, dtype=np.float32),
+        "pca_scale": float(res.pca_scale),
+        "encoder": {k: np.asarray(v) for k, v in res.encoder_state.items()},
+    }
+    if res.pca_center is not None:
+        rec["pca_center"] = np.asarray(res.pca_center, dtype=np.float64)
+    if prep.scale_mean is not None:
+        rec["scale_mean"] = np.asarray(prep.scale_mean, dtype=np.float32)
+        rec["scale_sd"] = np.asarray(prep.scale_sd, dtype=np.float32)
+    if prep.batch_names is not None:
+        rec["batch_key"] = str(prep.info.get("batch_key"))
+        rec["batch_names"] = np.asarray(prep.batch_names).astype(str)
+        rec["batch_slope"] = np.asarray(prep.batch_slope, dtype=np.float32)
+        rec["batch_shift"] = np.asarray(prep.batch_shift, dtype=np.float32)
+    return rec
+
+
+def load_reference(reference: ad.AnnData | str | Path, key: str = DEFAULT_KEY) -> dict:
+    """``uns[key]`` of a fitted AnnData (or ``.h5ad`` path), checked to hold a model."""
+    if not isinstance(reference, ad.AnnData):
+        path = Path(reference)
+        if not path.is_file():
+            raise InputError(f"reference '{path}' does not exist. Give the .h5ad `cicl fit` wrote.")
+        try:
+            reference = ad.read_h5ad(path, backed="r")
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
+            raise InputError(f"cannot read reference '{path}' as .h5ad ({e}).") from None
+        uns = reference.uns.get(key)
+        reference.file.close()
+    else:
+        uns = reference.uns.get(key)
+    if uns is None:
+        raise InputError(
+            f"the reference has no uns['{key}']: it was not fitted by cicl under that key. "
+            "Give the output of `cicl fit` (and --key if it used --key-added)."
+        )
+    if "model" not in uns or uns["model"].get("format") != FORMAT:
+        raise InputError(
+            f"uns['{key}'] of the reference holds no stored model (written by an older cicl, "
+            "or by a sweep). Fit it again with this version of `cicl fit`."
+        )
+    return uns
+
+
+def predict(
+    adata: ad.AnnData,
+    reference: ad.AnnData | str | Path | dict,
+    *,
+    key: str = DEFAULT_KEY,
+    key_added: str | None = None,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    copy: bool = False,
+    block: int = 50_000,
+) -> ad.AnnData | None:
+    """Assign the cells of ``adata`` to the clusters of a fitted ``reference`` (an AnnData or
+    ``.h5ad`` path that ``cicl.fit`` / ``cicl fit`` wrote under ``key``), without refitting.
+
+    Genes are matched by name; genes the model uses that ``adata`` lacks are set to the
+    reference cells' mean (at most half may be missing). If the reference was batch-corrected,
+    cells whose ``batch_key`` value (default: the reference's key) is a reference batch get that
+    batch's ComBat map; other cells are left uncorrected, with a warning.
+
+    Writes ``obs[key_added]`` (categorical, the reference's clusters), ``obs[key_added +
+    "_confidence"]`` (Student's t probability of that cluster), ``obsm["X_" + key_added]`` (the
+    reference's clustering space) and ``uns[key_added]`` (what was matched). ``key_added``
+    defaults to ``key``. ``reference`` may also be ``load_reference``'s result. Cells are
+    mapped ``block`` at a time. Returns ``adata`` if ``copy`` else None.
+    """
+    key_added = key_added or key
+    if reference is adata and key_added == key:
+        raise InputError(
+            f"adata is the reference: writing to '{key}' would replace its fit. "
+            "Pass key_added=... (another name)."
+        )
+    ref = reference if isinstance(reference, dict) else load_reference(reference, key)
+    model = ref["model"]
+    cfg = CICLConfig.from_dict(_from_h5(ref["params"]))
+    adata = adata.copy() if copy else adata
+    check_matrix(adata, layer, min_cells=1)
+    genes = np.asarray(model["genes"]).astype(str)
+    pos = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
+    gene_idx = np.array([pos.get(g, -1) for g in genes])
+    n_missing = int((gene_idx < 0).sum())
+    if n_missing > MIN_GENE_SHARE * len(genes):
+        raise InputError(
+            f"only {len(genes) - n_missing} of the reference's {len(genes)} genes are in the "
+            "new cells' var_names. Use the same gene identifiers as the reference (symbols vs "
+            "Ensembl IDs) or fit these cells with `cicl fit`."
+        )
+    X = adata.layers[layer] if layer is not None else adata.X
+    kind = _query_kind(X, str(model["values"]))
+    t = BlockTransform(
+        kind=kind,
+        gene_idx=gene_idx,
+        scale_mean=model.get("scale_mean"),
+        scale_sd=model.get("scale_sd"),
+        max_value=float(model["max_value"]),
+        pca_mean=np.asarray(model["pca_mean"]),
+        pca_components=np.asarray(model["pca_components"]),
+    )
+    n_uncorrected = _batches(t, model, adata, batch_key)
+    state = {k: np.asarray(v) for k, v in model["encoder"].items()}
+    enc = load_encoder(cfg, state, len(genes))
+    center = model.get("pca_center")
+    cents = torch.from_numpy(np.asarray(ref["centroids"], dtype=np.float32))
+    parts = []
+    for a in range(0, adata.n_obs, block):  # blocks: a large query never densifies at once
+        rows = np.arange(a, min(a + block, adata.n_obs))
+        x, pcs = t(X[rows], rows)
+        parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
+    h = np.concatenate(parts)
+    prob = student_t(torch.from_numpy(h), cents, cfg.cluster.alpha)
+    conf, lab = prob.max(1)
+    k = int(ref["n_clusters"])
+    adata.obs[key_added] = pd.Categorical.from_codes(
+        lab.numpy(), categories=[str(i) for i in range(k)]
+    )
+    adata.obs[key_added + "_confidence"] = conf.numpy().astype(np.float32)
+    adata.obsm[embedding_key(key_added)] = h.astype(np.float32)
+    adata.uns[key_added] = {
+        "reference_key": key,
+        "n_clusters": k,
+        "values": kind,
+        "n_genes_model": int(len(genes)),
+        "n_genes_missing": n_missing,
+        "n_cells_uncorrected": int(n_uncorrected),
+        "params": ref["params"],
+    }
+    if n_missing:
+        warnings.warn(
+            f"{n_missing} of the reference's {len(genes)} genes are not in these cells; "
+            "they were set to the reference mean.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return adata if copy else None
+
+
+def _query_kind(X, ref_kind: str) -> str:
+    """How to normalise the new cells: by what their own values are (counts are normalised
+    and logged, log values kept). Only scaled vs unscaled cannot be bridged: the reference's
+    scaling means and SDs apply to unscaled log values."""
+    kind = detect_values(X)
+    if (kind == "scaled") != (ref_kind == "scaled"):
+        raise InputError(
+            f"the new cells hold {kind} values but the reference was fitted on {ref_kind} "
+            "values. Give the new cells in the same form as the reference's input (e.g. raw "
+            "counts, or log-normalised values; --layer picks another matrix)."
+        )
+    return kind
+
+
+def _batches(t: BlockTransform, model: dict, adata: ad.AnnData, batch_key: str | None) -> int:
+    """Per cell, the reference batch whose ComBat map applies (-1: none). Returns how many
+    cells stay uncorrected."""
+    if "batch_names" not in model:
+        return 0
+    key = batch_key or str(model["batch_key"])
+    pos = {str(b): i for i, b in enumerate(np.asarray(model["batch_names"]))}
+    if key in adata.obs:
+        codes = np.array([pos.get(str(b), -1) for b in adata.obs[key].astype(str)])
+    else:
+        codes = np.full(adata.n_obs, -1)
+    t.batch_codes = codes
+    t.batch_slope = np.asarray(model["batch_slope"])
+    t.batch_shift = np.asarray(model["batch_shift"])
+    n = int((codes < 0).sum())
+    if n:
+        where = f"obs['{key}']" if key in adata.obs else f"no obs['{key}']"
+        warnings.warn(
+            f"{n} cells are not in a batch the reference was corrected over ({where}); "
+            "they are mapped without batch correction.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return n
+
+
+def _from_h5(d):
+    """Undo ``api._h5_safe`` ('none' for None) and numpy scalars from an h5ad round trip."""
+    if isinstance(d, dict):
+        return {k: _from_h5(v) for k, v in d.items()}
+    if isinstance(d, str) and d == "none":
+        return None
+    if isinstance(d, np.generic):
+        return d.item()
+    if isinstance(d, np.ndarray):
+        return [_from_h5(v) for v in d.tolist()]
+    return d

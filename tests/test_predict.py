@@ -1,0 +1,147 @@
+"""`cicl.predict` / `cicl predict`: new cells mapped onto a fitted reference, no refitting."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+import cicl
+from cicl.cli import main
+from cicl.data.synthetic import synthetic_adata
+
+
+@pytest.fixture(scope="module")
+def pollen_split(data_dir, tmp_path_factory):
+    """pollen: 70 % of the cells fitted (default config, true K) and written as a reference
+    .h5ad; the other 30 % held out."""
+    a = ad.read_h5ad(data_dir / "pollen.h5ad")
+    held = np.random.default_rng(0).random(a.n_obs) < 0.3
+    ref, query = a[~held].copy(), a[held].copy()
+    cicl.fit(ref, 11, progress=False)
+    path = tmp_path_factory.mktemp("ref") / "ref.h5ad"
+    ref.write_h5ad(path)
+    return ref, query, path
+
+
+def test_reference_cells_get_their_own_labels_back(pollen_split):
+    ref, _, path = pollen_split
+    again = ref.copy()
+    del again.obs["cicl"], again.obsm["X_cicl"], again.uns["cicl"]
+    cicl.predict(again, path)  # from the file: the stored model survives the h5ad round trip
+    assert np.array_equal(again.obs["cicl"].to_numpy(), ref.obs["cicl"].to_numpy())
+    assert np.allclose(again.obsm["X_cicl"], ref.obsm["X_cicl"], atol=1e-4)
+    assert again.obs["cicl"].cat.categories.tolist() == ref.obs["cicl"].cat.categories.tolist()
+    conf = again.obs["cicl_confidence"].to_numpy()
+    assert conf.min() >= 1 / 11 and conf.max() <= 1.0
+
+
+def test_held_out_cells_are_clustered_as_well_as_the_fitted_ones(pollen_split):
+    ref, query, _ = pollen_split
+    out = cicl.predict(query, ref, key_added="mapped", copy=True)
+    assert "mapped" not in query.obs  # copy=True leaves the input alone
+    fitted = adjusted_rand_score(ref.obs["cell_type"], ref.obs["cicl"])
+    mapped = adjusted_rand_score(out.obs["cell_type"], out.obs["mapped"])
+    assert mapped > 0.8 and mapped > fitted - 0.1, (fitted, mapped)
+    assert out.uns["mapped"]["n_genes_missing"] == 0
+
+
+def test_genes_are_matched_by_name(pollen_split):
+    ref, query, _ = pollen_split
+    base = cicl.predict(query, ref, copy=True).obs["cicl"].to_numpy()
+    rng = np.random.default_rng(1)
+    shuffled = query[:, rng.permutation(query.n_vars)].copy()
+    assert np.array_equal(cicl.predict(shuffled, ref, copy=True).obs["cicl"].to_numpy(), base)
+    fewer = query[:, np.sort(rng.permutation(query.n_vars)[: int(0.9 * query.n_vars)])].copy()
+    with pytest.warns(UserWarning, match="set to the reference mean"):
+        part = cicl.predict(fewer, ref, copy=True)
+    assert part.uns["cicl"]["n_genes_missing"] > 0
+    assert np.mean(part.obs["cicl"].to_numpy() == base) > 0.9
+
+
+def test_predict_refuses_what_it_cannot_map(pollen_split, data_dir):
+    ref, query, _ = pollen_split
+    renamed = query.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    with pytest.raises(cicl.InputError, match="genes are in the new cells"):
+        cicl.predict(renamed, ref)
+    scaled = query.copy()
+    scaled.X = np.asarray(scaled.X.todense()) - 1.0
+    with pytest.raises(cicl.InputError, match="same form"):
+        cicl.predict(scaled, ref)
+    with pytest.raises(cicl.InputError, match="not fitted by cicl"):
+        cicl.predict(query, ad.read_h5ad(data_dir / "biase.h5ad"))
+    with pytest.raises(cicl.InputError, match="would replace its fit"):
+        cicl.predict(ref, ref)
+    assert "cicl" not in query.obs
+
+
+def test_batch_corrected_reference(tiny_cfg):
+    a = synthetic_adata(n_cells=200, n_genes=100, n_clusters=3, seed=2)
+    a.obs["run"] = np.where(np.arange(a.n_obs) % 2 == 0, "r1", "r2")
+    cicl.fit(a, 3, config=tiny_cfg, batch_key="run", progress=False)
+    assert list(a.uns["cicl"]["model"]["batch_names"]) == ["r1", "r2"]
+    q = a.copy()
+    del q.obs["cicl"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every cell is in a reference batch: no warning
+        cicl.predict(q, a, key_added="p")
+    assert q.uns["p"]["n_cells_uncorrected"] == 0
+    assert np.array_equal(q.obs["p"].to_numpy(), a.obs["cicl"].to_numpy())
+    q.obs["run"] = "new"
+    with pytest.warns(UserWarning, match="200 cells are not in a batch"):
+        cicl.predict(q, a, key_added="p")
+    assert q.uns["p"]["n_cells_uncorrected"] == 200
+
+
+def _run(capsys, argv):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_predict(tmp_path, tiny_cfg, capsys):
+    syn = synthetic_adata(n_cells=150, n_genes=120, n_clusters=3, seed=1)
+    inp, cfg = tmp_path / "in.h5ad", tmp_path / "cfg.yaml"
+    syn.write_h5ad(inp)
+    tiny_cfg.to_yaml(cfg)
+    ref = tmp_path / "ref.h5ad"
+    rc, _, _ = _run(capsys, ["fit", str(inp), "--out", str(ref), "-k", "3", "-c", str(cfg)])
+    assert rc == 0
+    new = tmp_path / "new.h5ad"
+    syn[:40].copy().write_h5ad(new)
+    out = tmp_path / "pred.h5ad"
+    argv = ["predict", str(new), "--reference", str(ref), "--out", str(out)]
+    rc, stdout, err = _run(capsys, argv + ["--label-key", "cell_type", "--json"])
+    assert rc == 0, err
+    r = json.loads(stdout.strip().splitlines()[-1])
+    assert r["n_cells"] == 40 and r["n_clusters"] == 3 and r["n_genes_missing"] == 0
+    assert {"ari", "nmi", "median_confidence", "seconds", "output"} <= set(r)
+    assert "assigned to the reference's 3 clusters" in err
+    p = ad.read_h5ad(out)
+    fitted = ad.read_h5ad(ref).obs["cicl"].to_numpy()[:40]
+    assert np.array_equal(p.obs["cicl"].to_numpy(), fitted)
+    assert "cicl_confidence" in p.obs and p.obsm["X_cicl"].shape[0] == 40
+
+    # bad input: one line, exit 2, nothing written or overwritten
+    before = out.read_bytes()
+    for extra, msg in [
+        ([], "already exists"),
+        (["--force", "--key", "other"], "no uns['other']"),
+        (["--force", "--label-key", "nope"], "is not an obs column"),
+    ]:
+        rc, _, err = _run(capsys, argv + extra)
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
+    assert out.read_bytes() == before
+    rc, _, err = _run(capsys, ["predict", str(new), "-r", str(inp), "-o", str(tmp_path / "x.h5ad")])
+    assert rc == 2 and "not fitted by cicl" in err and not (tmp_path / "x.h5ad").exists()
+    rc, _, err = _run(capsys, ["predict", str(new), "-r", str(ref), "-o", str(ref), "--force"])
+    assert rc == 2 and "is the reference file" in err
+    rc, _, err = _run(
+        capsys, ["predict", str(new), "-r", str(tmp_path / "no.h5ad"), "-o", str(out), "--force"]
+    )
+    assert rc == 2 and "does not exist" in err
