@@ -559,6 +559,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.api import _choose_k, write_result
     from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
     from cicl.data.preprocess import preprocess
+    from cicl.reference import model_record
     from cicl.sweep import SweepOptions, load_space, run_sweep
     from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table, short_param
 
@@ -584,7 +585,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if adata.obs[args.label_key].isna().any():
             raise CICLError(f"--label-key '{args.label_key}' has missing values.")
         truth = adata.obs[args.label_key].astype(str).to_numpy()
-    prep = preprocess(adata, base.preprocess)
+    keep_map = base.preprocess.batch_key is not None  # ComBat's map, for the stored model
+    prep = preprocess(adata, base.preprocess, keep_combat_map=keep_map)
     for w in prep.info.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     if truth is not None:
@@ -639,9 +641,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from cicl.train.loop import TrainResult
 
         k = int(res.best_config.cluster.n_clusters or len(np.unique(res.best_labels)))
-        tr = TrainResult(res.best_embedding, res.best_labels, np.zeros((0, 0), np.float32))
+        tr = res.best_result or TrainResult(
+            res.best_embedding, res.best_labels, np.zeros((0, 0), np.float32)
+        )
+        # the best trial's model makes the output a reference for `cicl predict`
+        model = model_record(tr, prep, base.preprocess.max_value) if tr.encoder_state else None
         write_result(
-            adata, tr, res.best_config, prep.info, k, f"sweep {res.experiment}", "cicl", 0.0
+            adata,
+            tr,
+            res.best_config,
+            prep.info,
+            k,
+            f"sweep {res.experiment}",
+            "cicl",
+            0.0,
+            cell_mask=prep.cell_mask,
+            model=model,
         )
         write_h5ad_atomic(adata, out)
         summary["output"] = str(out)

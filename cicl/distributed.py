@@ -212,11 +212,14 @@ def _collect(out_dir: Path, parts: list[np.ndarray], n: int) -> TrainResult:
                 emb = np.empty((n, d["embedding"].shape[1]), dtype=np.float32)
             emb[p] = d["embedding"]
     assert emb is not None
-    return _from_meta(out_dir, labels, emb)
+    return load_result(out_dir, labels, emb)
 
 
-def _from_meta(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResult:
+def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResult:
+    """The run's result from what rank 0 wrote to ``out_dir`` (centroids, history, the trained
+    encoder) and the stitched labels and embedding."""
     meta = json.loads((out_dir / "meta.json").read_text())
+    enc = out_dir / "encoder.npz"  # absent in runs written before models were stored
     return TrainResult(
         embedding=emb,
         labels=labels,
@@ -225,9 +228,9 @@ def _from_meta(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResul
         epochs=meta["epochs"],
         steps=meta["steps"],
         timings=meta.get("timings", {}),
-        encoder_state=dict(np.load(out_dir / "encoder.npz")),
-        pca_center=None if meta["pca_center"] is None else np.asarray(meta["pca_center"]),
-        pca_scale=meta["pca_scale"],
+        encoder_state=dict(np.load(enc)) if enc.exists() else {},
+        pca_center=None if meta.get("pca_center") is None else np.asarray(meta["pca_center"]),
+        pca_scale=meta.get("pca_scale", 1.0),
     )
 
 
@@ -387,7 +390,7 @@ def fit_ray_stream(
     assert emb is not None
     if progress:
         print(f"Ray Train (streaming): {opts.workers} workers, run '{name}' under {storage}")
-    res = _from_meta(out_dir, labels, emb)
+    res = load_result(out_dir, labels, emb)
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -36,6 +36,7 @@ from cicl.tracking import (
     log_params,
     mlflow_client,
 )
+from cicl.train.loop import TrainResult
 
 TUNE_DIR = Path(__file__).resolve().parents[1] / "tune"
 AUG_TYPES = {
@@ -352,6 +353,7 @@ class SweepResult:
     best_labels: np.ndarray
     best_embedding: np.ndarray
     best_config: CICLConfig
+    best_result: TrainResult | None  # centroids, history, trained encoder (None: not on disk)
     trials: list[dict]  # one record per trial: params, metrics, status
     path: str
 
@@ -592,6 +594,10 @@ def _finish(
         raise CICLError("No trial finished; see the Ray logs under " + str(path))
     tdir = Path(best["trial_dir"])
     labels, emb = np.load(tdir / "labels.npy"), np.load(tdir / "embedding.npy")
+    from cicl.distributed import load_result
+
+    shards = tdir / "shards"
+    best_res = load_result(shards, labels, emb) if (shards / "meta.json").exists() else None
     best_cfg = trial_config(setup.base, space, best["params"])
     metrics = {f"best_{k}": best[k] for k in ("objective", "ari", "nmi") if best[k] is not None}
     metrics["trials_finished"] = float(sum(t["finished"] for t in trials))
@@ -611,6 +617,7 @@ def _finish(
         best_labels=labels,
         best_embedding=emb,
         best_config=best_cfg,
+        best_result=best_res,
         trials=trials,
         path=str(path),
     )

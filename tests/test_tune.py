@@ -124,6 +124,15 @@ def test_sweep_writes_the_best_labelling(sweep):
     a = ad.read_h5ad(out)
     assert a.obs["cicl"].nunique() == summary["best_params"]["cluster.n_clusters"]
     assert a.uns["cicl"]["n_clusters_source"] == "sweep s3"
+    # the best trial's model is stored: the output maps new cells like a `cicl fit` output
+    import numpy as np
+
+    import cicl
+
+    b = ad.read_h5ad(out)
+    del b.obs["cicl"], b.uns["cicl"]
+    cicl.predict(b, out)
+    assert np.array_equal(b.obs["cicl"].to_numpy(), a.obs["cicl"].to_numpy())
     # the best is chosen by the label-free objective, never by ARI
     c, _, children = _runs(root, "s3")
     best = max(children, key=lambda r: r.data.metrics["final_objective"])
