@@ -566,9 +566,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     trials = _int_at_least("--trials", args.trials, 1)
     workers = _int_at_least("--workers-per-trial", args.workers_per_trial, 1)
     concurrent = _int_at_least("--concurrent", args.concurrent, 1)
-    load_space(args.space)  # fail fast on a bad space file or config
+    space = load_space(args.space)  # fail fast on a bad space file or config
     uri = resolve_mlflow_uri(args.mlflow_uri, Path(args.root).resolve())
     overrides = _parse_set(args.set)
+    for key, value in overrides.items():  # the space decides these for every trial
+        if key in space.params:
+            print(
+                f"warning: --set {key}={value} is ignored: space '{space.name}' searches {key}",
+                file=sys.stderr,
+            )
+        elif key in space.fixed and space.fixed[key] != value:
+            print(
+                f"warning: --set {key}={value} is ignored: space '{space.name}' fixes "
+                f"{key}: {space.fixed[key]} (edit the space file to change it)",
+                file=sys.stderr,
+            )
     if args.batch_key is not None:
         overrides["preprocess.batch_key"] = args.batch_key
     base = load_config(args.config, overrides)

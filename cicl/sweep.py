@@ -549,13 +549,18 @@ def _experiment_name(sweeps: Path, hint: str, resume: bool) -> str:
 
 
 def _max_rounds(cfg: CICLConfig, space: Space, n: int) -> int:
-    """Reclustering rounds of the longest trial (ASHA's max_t)."""
+    """Reclustering rounds of the longest trial (ASHA's max_t): from the trials' config (the
+    space's fixed values win over the base), or a trial would be stopped before its end."""
     from cicl.train.loop import auto_epochs
 
+    cfg = cfg.with_overrides(space.fixed)
     bs = min(cfg.train.batch_size, n)
     epochs = cfg.train.epochs or auto_epochs(
         n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
     )
+    e = space.params.get("train.epochs")
+    if e:
+        epochs = max(e["values"]) if e["type"] == "choice" else int(e["high"])
     every = [cfg.cluster.recluster_every or 5]
     d = space.params.get("cluster.recluster_every")
     if d and d["type"] == "choice":

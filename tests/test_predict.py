@@ -145,3 +145,27 @@ def test_cli_predict(tmp_path, tiny_cfg, capsys):
         capsys, ["predict", str(new), "-r", str(tmp_path / "no.h5ad"), "-o", str(out), "--force"]
     )
     assert rc == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"cluster.space": "sphere"},
+        {"cluster.space": "euclidean", "model.encoder": "mlp", "model.pca_residual": True},
+        {"model.encoder": "reference", "model.ref_layers": 1, "model.ref_hidden": 16},
+    ],
+)
+def test_rebuilt_encoder_gives_the_training_space(tiny_cfg, over):
+    """Maths layer: the stored encoder state and PCA block reproduce the fitted embedding."""
+    from cicl.train.loop import embed_new, load_encoder, train
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 40)).astype(np.float32)
+    pcs = (x @ rng.normal(size=(40, 10))).astype(np.float32)
+    cfg = tiny_cfg.with_overrides({**over, "train.epochs": 2})
+    res = train(x, pcs, 3, cfg)
+    enc = load_encoder(cfg, res.encoder_state, x.shape[1])
+    h = embed_new(enc, x, pcs, cfg, res.pca_center, res.pca_scale)
+    assert h.shape == res.embedding.shape
+    assert np.allclose(h, res.embedding, atol=1e-5)

@@ -163,6 +163,27 @@ def test_supervised_objective_needs_labels(data_dir, tmp_path, capsys):
 
     rc = main(["tune", str(data_dir / "biase.h5ad"), "--objective", "ari", "--root", str(tmp_path)])
     assert rc == 2 and "--label-key" in capsys.readouterr().err
+    # --set values the space decides are reported, not silently dropped
+    sets = ["--set", "train.epochs=3", "--set", "loss.temperature=0.3", "--set", "loss.lam=0.5"]
+    rc = main(
+        ["tune", str(data_dir / "biase.h5ad"), "--space", "small", *sets]
+        + ["--objective", "ari", "--root", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "space 'small' fixes train.epochs: 6" in err
+    assert "space 'small' searches loss.temperature" in err and "loss.lam" not in err
+
+
+def test_asha_never_stops_a_trial_before_its_last_round():
+    """ASHA's max_t counts the trials' rounds: the space's fixed values win over the base."""
+    from cicl.config import CICLConfig
+    from cicl.sweep import Space, _max_rounds
+
+    base = CICLConfig().with_overrides({"train.epochs": 3})  # e.g. a user's --set
+    fixed = {"train.epochs": 6, "cluster.recluster_every": 2}
+    assert _max_rounds(base, Space("s", {}, fixed), 100) == 3
+    searched = {"train.epochs": {"type": "int", "low": 4, "high": 10}}
+    assert _max_rounds(base, Space("s", searched, fixed), 100) == 5
 
 
 def test_restarted_trial_reuses_a_finished_run_only(tmp_path):
