@@ -554,9 +554,11 @@ def _max_rounds(cfg: CICLConfig, space: Space, n: int) -> int:
     from cicl.train.loop import auto_epochs
 
     cfg = cfg.with_overrides(space.fixed)
-    bs = min(cfg.train.batch_size, n)
-    epochs = cfg.train.epochs or auto_epochs(
-        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
+    b = space.params.get("train.batch_size")  # larger batches: fewer steps per epoch, more epochs
+    sizes = b["values"] if b and b["type"] == "choice" else [int(b["high"])] if b else []
+    epochs = cfg.train.epochs or max(
+        auto_epochs(n, min(bs, n), cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps)
+        for bs in [cfg.train.batch_size, *sizes]
     )
     e = space.params.get("train.epochs")
     if e:

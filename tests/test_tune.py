@@ -184,6 +184,10 @@ def test_asha_never_stops_a_trial_before_its_last_round():
     assert _max_rounds(base, Space("s", {}, fixed), 100) == 3
     searched = {"train.epochs": {"type": "int", "low": 4, "high": 10}}
     assert _max_rounds(base, Space("s", searched, fixed), 100) == 5
+    # large.yaml: batches up to 2048 need up to 50 epochs of 5,685 cells (min_steps 100)
+    large = {"train.batch_size": {"type": "choice", "values": [256, 2048]}}
+    every1 = {"cluster.recluster_every": 1}
+    assert _max_rounds(CICLConfig(), Space("s", large, every1), 5685) == 50
 
 
 def test_restarted_trial_reuses_a_finished_run_only(tmp_path):
