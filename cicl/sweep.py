@@ -252,7 +252,8 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         name=f"train-trial_id={trial_id}",
         storage=Path(setup.storage) / "train",
         keep=1,
-        callbacks=[TuneReportCallback(), _round_logger(setup.mlflow_uri, run_id)],
+        # MLflow first: a round ASHA stops the trial at is still in the trial's run
+        callbacks=[_round_logger(setup.mlflow_uri, run_id), TuneReportCallback()],
     )
     result = trainer.fit()
     res = _collect(out_dir, parts, setup.x.shape[0])
