@@ -591,11 +591,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     adata = read_input(args.input)
     check_matrix(adata)
     truth = None
+    _check_label_key(adata, args.label_key)
     if args.label_key is not None:
-        if args.label_key not in adata.obs:
-            raise CICLError(f"--label-key '{args.label_key}' is not an obs column.")
-        if adata.obs[args.label_key].isna().any():
-            raise CICLError(f"--label-key '{args.label_key}' has missing values.")
         truth = adata.obs[args.label_key].astype(str).to_numpy()
     keep_map = base.preprocess.batch_key is not None  # ComBat's map, for the stored model
     prep = preprocess(adata, base.preprocess, keep_combat_map=keep_map)
