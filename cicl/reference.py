@@ -76,9 +76,10 @@ def load_reference(reference: ad.AnnData | str | Path, key: str = DEFAULT_KEY) -
             "Give the output of `cicl fit` (and --key if it used --key-added)."
         )
     if "model" not in uns or uns["model"].get("format") != FORMAT:
+        what = "a `cicl predict` output" if "reference_key" in uns else "written by an older cicl"
         raise InputError(
-            f"uns['{key}'] of the reference holds no stored model (written by an older cicl, "
-            "or by a sweep). Fit it again with this version of `cicl fit`."
+            f"uns['{key}'] of the reference holds no stored model ({what}). Give what "
+            "`cicl fit` or `cicl tune --out` wrote with this version."
         )
     return uns
 

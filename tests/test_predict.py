@@ -77,6 +77,9 @@ def test_predict_refuses_what_it_cannot_map(pollen_split, data_dir):
         cicl.predict(query, ad.read_h5ad(data_dir / "biase.h5ad"))
     with pytest.raises(cicl.InputError, match="would replace its fit"):
         cicl.predict(ref, ref)
+    mapped = cicl.predict(query, ref, copy=True)
+    with pytest.raises(cicl.InputError, match="a `cicl predict` output"):
+        cicl.predict(query, mapped)
     assert "cicl" not in query.obs
 
 
