@@ -162,10 +162,7 @@ def train(
         pca_block = torch.from_numpy(_pca_part(pcs, pca_center, pca_scale)).to(device)
 
     def space(h: torch.Tensor) -> torch.Tensor:
-        if cfg.cluster.space == "euclidean":
-            return h
-        h = F.normalize(h, dim=1)
-        return h if pca_block is None else torch.cat([h, pca_block], dim=1)
+        return cluster_space(h, pca_block, cfg.cluster.space)
 
     def cluster(h: torch.Tensor) -> KMeansResult:
         return kmeans(
@@ -320,14 +317,21 @@ def embed_new(
     (``load_encoder``): the space the training cells' labels and centroids live in."""
     device = next(model.parameters()).device
     h = embed(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device))
-    if cfg.cluster.space == "euclidean":
-        return h.cpu().numpy()
-    h = F.normalize(h, dim=1).cpu().numpy()
-    if cfg.cluster.space == "sphere":
+    block = None
+    if cfg.cluster.space == "hybrid":
+        if pca_center is None:
+            raise ValueError("the hybrid space needs the training PCA block's centre and scale")
+        block = torch.from_numpy(_pca_part(pcs, pca_center, pca_scale)).to(device)
+    return cluster_space(h, block, cfg.cluster.space).cpu().numpy()
+
+
+def cluster_space(h: torch.Tensor, pca_block: torch.Tensor | None, space: str) -> torch.Tensor:
+    """Where K-means and the Student's t head work (``cluster.space``): the encoder output
+    (euclidean), L2-normalised (sphere), or normalised next to the weighted PCA block (hybrid)."""
+    if space == "euclidean":
         return h
-    if pca_center is None:
-        raise ValueError("the hybrid space needs the training PCA block's centre and scale")
-    return np.concatenate([h, _pca_part(pcs, pca_center, pca_scale)], axis=1)
+    h = F.normalize(h, dim=1)
+    return h if space == "sphere" else torch.cat([h, pca_block], dim=1)
 
 
 def make_state(

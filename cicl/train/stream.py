@@ -17,7 +17,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
 from cicl.comm import Comm
@@ -29,6 +28,7 @@ from cicl.train.loop import (
     _progress,
     auto_epochs,
     build_model,
+    cluster_space,
     contrastive_step,
     encoder_state,
     load_state,
@@ -116,12 +116,7 @@ def train_stream(
         model.train(train_mode)
         h = model.encoder(x)
         model.train(was)
-        if cfg.cluster.space == "euclidean":
-            return h
-        h = F.normalize(h, dim=1)
-        if cfg.cluster.space == "sphere":
-            return h
-        return torch.cat([h, (p - p_mean) * p_scale], dim=1)
+        return cluster_space(h, (p - p_mean) * p_scale, cfg.cluster.space)
 
     # fixed K-means sample: whole blocks (cheap contiguous reads), same on every restart
     rs = np.random.default_rng(cfg.seed + comm.rank)
