@@ -3,6 +3,7 @@ the runs, params, metrics and artifacts it leaves; `cicl runs`; Ctrl-C and --res
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cicl.sweep import finished_result
@@ -118,13 +120,42 @@ def test_sweep_leaves_one_parent_and_a_child_per_trial(sweep):
     assert {"best_objective", "best_ari", "trials_finished"} <= set(parent.data.metrics)
     assert parent.data.metrics["trials_finished"] == status.count("FINISHED")
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "best_trial.json", "param_importance.png"} <= arts
-    assert "parallel_coordinates.png" in arts
+    assert {"trials.csv", "best_trial.json"} <= arts
+    if status.count("FINISHED") >= 2:  # importances compare finished trials (see below)
+        assert {"param_importance.png", "parallel_coordinates.png"} <= arts
+
+
+def test_sweep_plots_compare_finished_trials(tmp_path):
+    """Optuna importance and parallel coordinates over the finished trials; a trial ASHA
+    stopped (no final objective) is left out, as Optuna leaves out pruned trials."""
+    from cicl.sweep import _optuna_plots, load_space
+
+    space = load_space("small")
+    rng = np.random.default_rng(0)
+    trials = [
+        {
+            "params": {
+                "loss.temperature": float(rng.uniform(0.2, 1.0)),
+                "augment.type": ["all", "noise+mask"][i % 2],
+                "cluster.n_clusters": 3 + i % 3,
+            },
+            "finished": i < 4,
+            "objective": float(rng.uniform(0.1, 0.5)),
+        }
+        for i in range(5)
+    ]
+    _optuna_plots(space, 4, 56, trials, tmp_path)
+    imp = json.loads((tmp_path / "param_importance.json").read_text())
+    assert set(imp) == set(space.params)
+    assert (tmp_path / "param_importance.png").stat().st_size > 0
+    assert (tmp_path / "parallel_coordinates.png").stat().st_size > 0
+    single = tmp_path / "one"
+    single.mkdir()
+    _optuna_plots(space, 4, 56, trials[3:], single)  # one finished trial: nothing to compare
+    assert not list(single.iterdir())
 
 
 def test_sweep_writes_the_best_labelling(sweep):
-    import json
-
     import anndata as ad
 
     root, out, proc = sweep
@@ -133,8 +164,6 @@ def test_sweep_writes_the_best_labelling(sweep):
     assert a.obs["cicl"].nunique() == summary["best_params"]["cluster.n_clusters"]
     assert a.uns["cicl"]["n_clusters_source"] == "sweep s3"
     # the best trial's model is stored: the output maps new cells like a `cicl fit` output
-    import numpy as np
-
     import cicl
 
     b = ad.read_h5ad(out)
