@@ -56,6 +56,19 @@ def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
     return rec
 
 
+REFERENCE_FIELDS = ("params", "n_clusters", "n_clusters_source", "centroids", "model")
+
+
+def reference_adata(adata: ad.AnnData, key: str = DEFAULT_KEY) -> ad.AnnData | None:
+    """A cell-free AnnData holding only what ``predict`` reads from ``adata.uns[key]`` (about
+    1.4 MB for the default model): a fit's model to keep or share without its cells (MLflow
+    logs it as ``reference.h5ad``). None when the fit stored no model."""
+    uns = adata.uns.get(key, {})
+    if "model" not in uns:
+        return None
+    return ad.AnnData(uns={key: {f: uns[f] for f in REFERENCE_FIELDS if f in uns}})
+
+
 def load_reference(reference: ad.AnnData | str | Path, key: str = DEFAULT_KEY) -> dict:
     """``uns[key]`` of a fitted AnnData (or ``.h5ad`` path), checked to hold a model."""
     if not isinstance(reference, ad.AnnData):

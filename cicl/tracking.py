@@ -271,7 +271,9 @@ def log_fit(
     Params: the resolved config (K as used) plus ``params``; metrics: the per-round history
     and ``final_n_clusters`` / ``final_seconds`` / ``final_objective`` (the label-free
     silhouette) and, with ``label_key``, ``final_ari`` / ``final_nmi`` (scored only);
-    artifacts: ``config.yaml``, ``labels.csv`` and the UMAP + curves figure. ``figure``: a
+    artifacts: ``config.yaml``, ``labels.csv``, the UMAP + curves figure and, when the fit
+    stored its model, ``reference.h5ad`` (the model without cells, a reference for
+    ``cicl predict``). ``figure``: a
     PNG already drawn, ``False`` for none, default drawn when ``adata`` is in memory and has
     at most 50,000 cells. ``uri`` defaults to ``runs/mlflow.db`` like the CLI. With
     ``run_id`` (e.g. ``mlflow.active_run().info.run_id``) the fit is logged into that run.
@@ -282,6 +284,7 @@ def log_fit(
 
     from cicl.api import score
     from cicl.config import CICLConfig
+    from cicl.reference import reference_adata
 
     if key not in adata.uns or "params" not in adata.uns[key]:
         raise CICLError(f"adata.uns['{key}'] holds no cicl.fit result. Run cicl.fit first.")
@@ -328,6 +331,10 @@ def log_fit(
             figure = plot_fit(adata, Path(tmp) / "umap_curves.png", key=key, label_key=label_key)
         if figure:
             files.append(Path(figure))
+        ref = reference_adata(adata, key)  # the model alone: `cicl predict --reference` takes it
+        if ref is not None:
+            files.append(Path(tmp) / "reference.h5ad")
+            ref.write_h5ad(files[-1])
         run_id = log_run(
             uri,
             experiment,

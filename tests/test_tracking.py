@@ -8,6 +8,7 @@ import anndata as ad
 import pandas as pd
 import pytest
 
+import cicl
 from cicl.cli import main
 from cicl.data.synthetic import synthetic_adata
 from cicl.errors import CICLError
@@ -53,10 +54,16 @@ def test_fit_is_logged_as_a_run_next_to_others(tmp_path, inp, tiny_cfg, capsys):
     assert m["final_ari"] == pytest.approx(line["ari"]) and m["final_n_clusters"] == 3
     assert len(client.get_metric_history(first.info.run_id, "loss")) >= 2  # per round
     arts = {a.path for a in client.list_artifacts(first.info.run_id)}
-    assert {"config.yaml", "labels.csv", "umap_curves.png"} <= arts
+    assert {"config.yaml", "labels.csv", "umap_curves.png", "reference.h5ad"} <= arts
     table = pd.read_csv(client.download_artifacts(first.info.run_id, "labels.csv", str(tmp_path)))
     written = ad.read_h5ad(tmp_path / "a.h5ad")
     assert (table["cluster"].astype(str).to_numpy() == written.obs["cicl"].to_numpy()).all()
+    # the run's model, without cells, maps cells as the fit's own output does
+    ref = client.download_artifacts(first.info.run_id, "reference.h5ad", str(tmp_path))
+    assert ad.read_h5ad(ref).n_obs == 0
+    again = ad.read_h5ad(inp)
+    cicl.predict(again, ref)
+    assert (again.obs["cicl"].to_numpy() == written.obs["cicl"].to_numpy()).all()
     assert written.uns["cicl"]["silhouette_pca"] == pytest.approx(line["silhouette_pca"])
 
     assert main(["runs", "--mlflow-uri", uri, "--experiment", "fits", "--sort", "ari"]) == 0
@@ -100,8 +107,6 @@ def test_python_api_logs_a_fit_new_run_or_the_active_one(tmp_path, tiny_cfg):
     """`cicl.log_fit` after `cicl.fit`: the notebook path to the same runs the CLI logs."""
     import mlflow
 
-    import cicl
-
     adata = synthetic_adata(n_cells=150, n_genes=120, n_clusters=3, seed=1)
     with pytest.raises(CICLError, match="Run cicl.fit first"):
         cicl.log_fit(adata, uri=f"sqlite:///{tmp_path / 'm.db'}")
@@ -119,7 +124,8 @@ def test_python_api_logs_a_fit_new_run_or_the_active_one(tmp_path, tiny_cfg):
     assert m["final_ari"] == pytest.approx(
         cicl.score(adata.obs["cicl"], adata.obs["cell_type"])["ari"]
     )
-    assert {a.path for a in client.list_artifacts(got["run_id"])} == {"config.yaml", "labels.csv"}
+    arts = {a.path for a in client.list_artifacts(got["run_id"])}
+    assert arts == {"config.yaml", "labels.csv", "reference.h5ad"}
 
     mlflow.set_tracking_uri(uri)  # a run the user opened: logged into, its status left alone
     try:
@@ -146,6 +152,7 @@ def test_streamed_fit_is_logged_with_its_labels(tmp_path, inp, tiny_cfg, capsys)
     run = client.get_run(line["mlflow_run"]["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == f"fit-in-seed{tiny_cfg.seed}"
     assert run.data.metrics["final_seconds"] == pytest.approx(line["seconds"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "labels.csv"}
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert arts == {"config.yaml", "labels.csv", "reference.h5ad"}
     table = pd.read_csv(client.download_artifacts(run.info.run_id, "labels.csv", str(tmp_path)))
     assert (table["cluster"].astype(str) == ad.read_h5ad(out).obs["cicl"].to_numpy()).all()
