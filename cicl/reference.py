@@ -133,27 +133,11 @@ def predict(
     cfg = CICLConfig.from_dict(_from_h5(ref["params"]))
     adata = adata.copy() if copy else adata
     check_matrix(adata, layer, min_cells=1)
-    genes = np.asarray(model["genes"]).astype(str)
-    pos = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
-    gene_idx = np.array([pos.get(g, -1) for g in genes])
-    n_missing = int((gene_idx < 0).sum())
-    if n_missing > MIN_GENE_SHARE * len(genes):
-        raise InputError(
-            f"only {len(genes) - n_missing} of the reference's {len(genes)} genes are in the "
-            "new cells' var_names. Use the same gene identifiers as the reference (symbols vs "
-            "Ensembl IDs) or fit these cells with `cicl fit`."
-        )
     X = adata.layers[layer] if layer is not None else adata.X
-    kind = _query_kind(X, str(model["values"]))
-    t = BlockTransform(
-        kind=kind,
-        gene_idx=gene_idx,
-        scale_mean=model.get("scale_mean"),
-        scale_sd=model.get("scale_sd"),
-        max_value=float(model["max_value"]),
-        pca_mean=np.asarray(model["pca_mean"]),
-        pca_components=np.asarray(model["pca_components"]),
-    )
+    t = query_transform(adata, model, layer)
+    genes = np.asarray(model["genes"])
+    n_missing = int((t.gene_idx < 0).sum())
+    kind = t.kind
     n_uncorrected = _batches(t, model, adata, batch_key)
     state = {k: np.asarray(v) for k, v in model["encoder"].items()}
     enc = load_encoder(cfg, state, len(genes))
@@ -190,6 +174,31 @@ def predict(
             stacklevel=2,
         )
     return adata if copy else None
+
+
+def query_transform(adata: ad.AnnData, model: dict, layer: str | None = None) -> BlockTransform:
+    """The reference's preprocessing for the cells of ``adata`` (genes matched by name; no
+    batch map yet): ``t(X[rows], rows)`` gives their model input and reference PCs."""
+    genes = np.asarray(model["genes"]).astype(str)
+    pos = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
+    gene_idx = np.array([pos.get(g, -1) for g in genes])
+    n_missing = int((gene_idx < 0).sum())
+    if n_missing > MIN_GENE_SHARE * len(genes):
+        raise InputError(
+            f"only {len(genes) - n_missing} of the reference's {len(genes)} genes are in the "
+            "new cells' var_names. Use the same gene identifiers as the reference (symbols vs "
+            "Ensembl IDs) or fit these cells with `cicl fit`."
+        )
+    X = adata.layers[layer] if layer is not None else adata.X
+    return BlockTransform(
+        kind=_query_kind(X, str(model["values"])),
+        gene_idx=gene_idx,
+        scale_mean=model.get("scale_mean"),
+        scale_sd=model.get("scale_sd"),
+        max_value=float(model["max_value"]),
+        pca_mean=np.asarray(model["pca_mean"]),
+        pca_components=np.asarray(model["pca_components"]),
+    )
 
 
 def _query_kind(X, ref_kind: str) -> str:
