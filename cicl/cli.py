@@ -348,7 +348,7 @@ def _check_label_key(adata, key: str | None) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cicl.api import score
     from cicl.data.io import check_output, read_input, write_h5ad_atomic
-    from cicl.reference import load_reference, predict
+    from cicl.reference import ATYPICAL_PCT, load_reference, predict
 
     out = check_output(args.input, args.out, args.force)
     ref_path = Path(args.reference)
@@ -379,6 +379,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     }
     if info["n_cells_uncorrected"]:
         r["n_cells_uncorrected"] = int(info["n_cells_uncorrected"])
+    if "n_cells_atypical" in info:
+        r["n_cells_atypical"] = int(info["n_cells_atypical"])
     if args.label_key is not None:
         r.update(score(adata.obs[key].to_numpy(), adata.obs[args.label_key]))
     write_h5ad_atomic(adata, out)
@@ -394,10 +396,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"  median confidence {r['median_confidence']:.3f} (Student's t probability of the "
         f"assigned cluster); {r['seconds']:.1f} s",
     ]
+    if "n_cells_atypical" in r:
+        n_a = r["n_cells_atypical"]
+        lines.append(
+            f"  {n_a} cells ({100 * n_a / max(r['n_cells'], 1):.1f} %) lie farther from their "
+            f"centroid than {ATYPICAL_PCT:.0f} % of the reference's cells of that cluster: "
+            f"possibly states the reference lacks (obs['{key}_dist_pct'] > {ATYPICAL_PCT:.0f})"
+        )
     if "ari" in r:
         lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
+    extra = f"obs['{key}_dist_pct'], " if "n_cells_atypical" in r else ""
     lines.append(
-        f"  wrote {out}: obs['{key}'], obs['{key}_confidence'], obsm['X_{key}'], uns['{key}']"
+        f"  wrote {out}: obs['{key}'], obs['{key}_confidence'], {extra}obsm['X_{key}'], "
+        f"uns['{key}']"
     )
     print("\n".join(lines), file=sys.stderr)
     if args.json:

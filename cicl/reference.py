@@ -5,7 +5,11 @@ it used, the preprocessing fitted on its cells (normalisation kind, scaling mean
 loadings, ComBat's per-batch map), the trained encoder's weights and the hybrid space's PCA
 centre and scale. New cells go through exactly that, with no refitting (as scanpy's ``ingest``
 maps onto a reference's PCA), and each gets the cluster of its nearest final centroid, with the
-Student's t probability of that cluster as its confidence.
+Student's t probability of that cluster as its confidence. The fit also stores, per cluster, the
+quantiles of its own cells' distances to the centroid in the encoder's embedding, so each new
+cell's distance can be read as a percentile of the reference's: a cell farther out than 99 % of
+the cells its cluster was fitted on is flagged as possibly a state the reference does not hold
+(the Student's t probability cannot say this: it only compares centroids with each other).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pandas as pd
 import torch
 
 from cicl._keys import DEFAULT_KEY, embedding_key
+from cicl.cluster.kmeans import distance_percentile, distance_quantiles
 from cicl.config import CICLConfig
 from cicl.data.io import check_matrix
 from cicl.data.preprocess import Prepared, detect_values
@@ -29,6 +34,11 @@ from cicl.train.loop import TrainResult, embed_new, load_encoder
 
 FORMAT = "cicl-model/1"
 MIN_GENE_SHARE = 0.5  # fewer of the model's genes than this in the new cells: refuse
+ATYPICAL_PCT = 99.0  # distance percentile above which a mapped cell is counted as atypical
+# below this median cluster size the encoder has seen too few cells per cluster for its
+# distances to carry over: held-out pollen cells (about 19 per cluster) got a median percentile
+# of 77, not 50 (benchmarks/mapping.py)
+MIN_CALIBRATED_SIZE = 50
 
 
 def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
@@ -43,6 +53,17 @@ def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
         "pca_scale": float(res.pca_scale),
         "encoder": {k: np.asarray(v) for k, v in res.encoder_state.items()},
     }
+    if len(res.labels) and len(res.centroids):
+        # the encoder's block only: in-sample PCA scores are inflated relative to new cells'
+        # (PCA fits its cells' noise), so hybrid-space distances would flag too few new cells
+        dims = res.embedding.shape[1] - (prep.pcs.shape[1] if res.pca_center is not None else 0)
+        rec["dist_dims"] = int(dims)
+        rec["cluster_sizes"] = np.bincount(res.labels, minlength=len(res.centroids))
+        rec["dist_quantiles"] = distance_quantiles(
+            np.asarray(res.embedding[:, :dims], dtype=np.float64),
+            np.asarray(res.labels, dtype=int),
+            np.asarray(res.centroids[:, :dims], dtype=np.float64),
+        )
     if res.pca_center is not None:
         rec["pca_center"] = np.asarray(res.pca_center, dtype=np.float64)
     if prep.scale_mean is not None:
@@ -117,8 +138,11 @@ def predict(
     batch's ComBat map; other cells are left uncorrected, with a warning.
 
     Writes ``obs[key_added]`` (categorical, the reference's clusters), ``obs[key_added +
-    "_confidence"]`` (Student's t probability of that cluster), ``obsm["X_" + key_added]`` (the
-    reference's clustering space) and ``uns[key_added]`` (what was matched). ``key_added``
+    "_confidence"]`` (Student's t probability of that cluster), ``obs[key_added +
+    "_dist_pct"]`` (the percentile, 0-100, of the cell's distance to its centroid among the
+    reference cells of that cluster; above 99: farther out than nearly all of them, a state the
+    reference may lack), ``obsm["X_" + key_added]`` (the reference's clustering space) and
+    ``uns[key_added]`` (what was matched, and ``n_cells_atypical``: cells above 99). ``key_added``
     defaults to ``key``. ``reference`` may also be ``load_reference``'s result. Cells are
     mapped ``block`` at a time. Returns ``adata`` if ``copy`` else None.
     """
@@ -156,6 +180,26 @@ def predict(
         lab.numpy(), categories=[str(i) for i in range(k)]
     )
     adata.obs[key_added + "_confidence"] = conf.numpy().astype(np.float32)
+    n_atypical = None
+    if "dist_quantiles" in model:  # stored by fits since the format's first revision
+        dims = int(model["dist_dims"])
+        pct = distance_percentile(
+            h[:, :dims].astype(np.float64),
+            lab.numpy(),
+            cents.numpy()[:, :dims].astype(np.float64),
+            np.asarray(model["dist_quantiles"], dtype=np.float64),
+        )
+        adata.obs[key_added + "_dist_pct"] = pct
+        n_atypical = int((pct > ATYPICAL_PCT).sum())
+        sizes = np.asarray(model.get("cluster_sizes", []))
+        if sizes.size and np.median(sizes) < MIN_CALIBRATED_SIZE:
+            warnings.warn(
+                f"the reference's clusters are small (median {np.median(sizes):.0f} cells): "
+                f"distance percentiles run high for new cells; read obs['{key_added}_dist_pct'] "
+                "as a ranking, not as a share of the reference.",
+                UserWarning,
+                stacklevel=2,
+            )
     adata.obsm[embedding_key(key_added)] = h.astype(np.float32)
     adata.uns[key_added] = {
         "reference_key": key,
@@ -166,6 +210,8 @@ def predict(
         "n_cells_uncorrected": int(n_uncorrected),
         "params": ref["params"],
     }
+    if n_atypical is not None:
+        adata.uns[key_added]["n_cells_atypical"] = n_atypical
     if n_missing:
         warnings.warn(
             f"{n_missing} of the reference's {len(genes)} genes are not in these cells; "

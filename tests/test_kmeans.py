@@ -4,7 +4,14 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd, partial_stats
+from cicl.cluster.kmeans import (
+    distance_percentile,
+    distance_quantiles,
+    kmeans,
+    kmeans_pp,
+    lloyd,
+    partial_stats,
+)
 from cicl.cluster.ward import ward_labels, weighted_ward
 from cicl.model.modules import student_t
 
@@ -92,3 +99,26 @@ def test_weighted_ward_respects_weights():
     c = np.array([[0.0], [1.0], [2.2]])
     assert list(weighted_ward(c, np.array([1.0, 1.0, 1.0]), 2)) == [0, 0, 1]
     assert len(set(weighted_ward(c, np.array([1.0, 50.0, 1.0]), 2))) == 2
+
+
+def test_distance_percentile_reads_new_distances_against_the_cluster_members():
+    # cluster 0: members at distances 0, 1, ..., 100 from its centroid; cluster 1 empty
+    x = np.c_[np.arange(101.0), np.zeros(101)]
+    cents = np.array([[0.0, 0.0], [500.0, 0.0]])
+    table = distance_quantiles(x, np.zeros(101, dtype=int), cents)
+    assert table.shape == (2, 101) and np.isnan(table[1]).all()
+    new = np.array([[0.0, 0.0], [0.0, 37.5], [-99.0, 0.0], [0.0, 250.0], [500.0, 1.0]])
+    pct = distance_percentile(new, np.array([0, 0, 0, 0, 1]), cents, table)
+    assert np.allclose(pct[:4], [0.0, 37.5, 99.0, 100.0])
+    assert np.isnan(pct[4])  # a cluster without reference cells has no scale to judge by
+
+
+def test_distance_percentile_with_tied_distances():
+    # every member at distance 1: a new cell at that distance is not beyond any of them
+    x = np.c_[np.ones(10), np.zeros(10)]
+    cents = np.zeros((1, 2))
+    table = distance_quantiles(x, np.zeros(10, dtype=int), cents)
+    pct = distance_percentile(
+        np.array([[1.0, 0.0], [0.5, 0.0], [2.0, 0.0]]), np.zeros(3, int), cents, table
+    )
+    assert np.allclose(pct, [100.0, 0.0, 100.0])

@@ -47,16 +47,47 @@ def test_reference_cells_get_their_own_labels_back(pollen_split):
     ).numpy()
     assert np.allclose(again.obs["cicl_confidence"].to_numpy(), q.max(1), atol=1e-5)
     assert (q.argmax(1).astype(str) == again.obs["cicl"].to_numpy()).all()
+    # distance percentile: a reference cell's rank among its cluster's cells by distance to
+    # the centroid in the encoder's block (101 stored quantiles: within one percentile point)
+    dims = int(ref.uns["cicl"]["model"]["dist_dims"])
+    h, c = ref.obsm["X_cicl"][:, :dims], ref.uns["cicl"]["centroids"][:, :dims]
+    lab = ref.obs["cicl"].cat.codes.to_numpy()
+    d = np.linalg.norm(h - c[lab], axis=1)
+    pct = again.obs["cicl_dist_pct"].to_numpy()
+    for k in np.unique(lab):
+        m = lab == k
+        if m.sum() < 2:
+            continue
+        rank = (d[m][:, None] > d[m][None, :]).sum(1) + (d[m][:, None] == d[m][None, :]).sum(1) - 1
+        assert np.abs(pct[m] - 100 * rank / (m.sum() - 1)).max() <= 1.0 + 1e-3
+    assert again.uns["cicl"]["n_cells_atypical"] == int((pct > 99).sum())
 
 
 def test_held_out_cells_are_clustered_as_well_as_the_fitted_ones(pollen_split):
     ref, query, _ = pollen_split
-    out = cicl.predict(query, ref, key_added="mapped", copy=True)
+    with pytest.warns(UserWarning, match="clusters are small"):  # pollen: ~16 cells each
+        out = cicl.predict(query, ref, key_added="mapped", copy=True)
     assert "mapped" not in query.obs  # copy=True leaves the input alone
     fitted = adjusted_rand_score(ref.obs["cell_type"], ref.obs["cicl"])
     mapped = adjusted_rand_score(out.obs["cell_type"], out.obs["mapped"])
     assert mapped > 0.8 and mapped > fitted - 0.1, (fitted, mapped)
     assert out.uns["mapped"]["n_genes_missing"] == 0
+    pct = out.obs["mapped_dist_pct"].to_numpy()
+    assert ((pct >= 0) & (pct <= 100)).all()
+    assert out.uns["mapped"]["n_cells_atypical"] == int((pct > 99).sum())
+
+
+def test_distance_percentiles_of_new_cells_of_known_types_are_calibrated():
+    # clusters of ~200 cells: held-out cells of the same types should sit where the
+    # reference's own cells do (median near 50, about 1 % beyond the 99th percentile)
+    syn = synthetic_adata(n_cells=900, n_genes=200, n_clusters=3, seed=0)
+    ref, new = syn[:600].copy(), syn[600:].copy()
+    cicl.fit(ref, 3, config=cicl.load_config(None, {"train.epochs": 5}), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # large clusters: no small-reference warning
+        cicl.predict(new, ref)
+    pct = new.obs["cicl_dist_pct"].to_numpy()
+    assert 35 < np.median(pct) < 65 and np.mean(pct > 99) < 0.06, (np.median(pct), pct.max())
 
 
 def test_genes_are_matched_by_name(pollen_split):
@@ -138,6 +169,10 @@ def test_cli_predict(tmp_path, tiny_cfg, capsys):
     fitted = ad.read_h5ad(ref).obs["cicl"].to_numpy()[:40]
     assert np.array_equal(p.obs["cicl"].to_numpy(), fitted)
     assert "cicl_confidence" in p.obs and p.obsm["X_cicl"].shape[0] == 40
+    assert "cicl_dist_pct" in p.obs and r["n_cells_atypical"] == int(
+        (p.obs["cicl_dist_pct"] > 99).sum()
+    )
+    assert "possibly states the reference lacks" in err
 
     # bad input: one line, exit 2, nothing written or overwritten
     before = out.read_bytes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cicl.comm import Comm
@@ -197,3 +198,47 @@ def kmeans(
             best = res
     assert best is not None
     return best
+
+
+N_QUANTILES = 101  # percentiles 0, 1, ..., 100
+
+
+def distance_quantiles(
+    x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, n_q: int = N_QUANTILES
+) -> np.ndarray:
+    """(K, n_q) quantiles of each cluster's member-to-centroid distances (NaN rows for empty
+    clusters): the reference against which a new cell's distance is judged typical or not."""
+    d = np.linalg.norm(x - centroids[labels], axis=1)
+    q = np.linspace(0.0, 1.0, n_q)
+    out = np.full((len(centroids), n_q), np.nan, dtype=np.float32)
+    for c in range(len(centroids)):
+        dc = d[labels == c]
+        if dc.size:
+            out[c] = np.quantile(dc, q)
+    return out
+
+
+def distance_percentile(
+    x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, table: np.ndarray
+) -> np.ndarray:
+    """Per cell, the share (0-100) of its cluster's reference cells that lie closer to the
+    centroid than it does, interpolated in ``distance_quantiles``' table. Near 100: farther
+    out than almost every cell the cluster was fitted on, i.e. a state the reference may not
+    hold. NaN where the cluster had no reference cells."""
+    d = np.linalg.norm(x - centroids[labels], axis=1)
+    q = np.linspace(0.0, 100.0, table.shape[1])
+    out = np.full(len(x), np.nan, dtype=np.float32)
+    for c in np.unique(labels):
+        row = table[c]
+        if np.isnan(row).any():
+            continue
+        m = labels == c
+        out[m] = _interp_increasing(d[m], row, q)
+    return out
+
+
+def _interp_increasing(v: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """np.interp over quantiles that may repeat (ties): for a run of equal quantiles, the
+    highest percentile of the run (a cell at that distance is not farther than any of them)."""
+    xp_u, last = np.unique(xp[::-1], return_index=True)  # last occurrence of each value
+    return np.interp(v, xp_u, fp[::-1][last], left=fp[0])  # below every member: 0
