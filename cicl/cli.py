@@ -570,7 +570,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.api import _choose_k, write_result
     from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
     from cicl.data.preprocess import preprocess
-    from cicl.reference import model_record
+    from cicl.reference import model_record, prep_record
     from cicl.sweep import SweepOptions, load_space, run_sweep
     from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table, short_param
 
@@ -644,6 +644,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         truth=truth,
         label_key=args.label_key,
         name_hint=Path(args.input).stem,
+        model_base=prep_record(prep, base.preprocess.max_value),
     )
     table, _ = runs_table(res.mlflow_uri, res.experiment, None)
     print(table.to_string(index=False), file=sys.stderr)

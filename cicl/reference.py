@@ -43,6 +43,11 @@ MIN_CALIBRATED_SIZE = 50
 
 def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
     """What ``predict`` needs, for ``uns[key]["model"]`` (h5ad-storable: arrays and numbers)."""
+    return {**prep_record(prep, max_value), **fit_record(res, prep.pcs.shape[1])}
+
+
+def prep_record(prep: Prepared, max_value: float) -> dict:
+    """The model's preprocessing half: genes, normalisation kind, scaling, PCA, ComBat map."""
     rec: dict = {
         "format": FORMAT,
         "genes": np.asarray(prep.genes).astype(str),
@@ -50,13 +55,30 @@ def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
         "max_value": float(max_value),
         "pca_mean": np.asarray(prep.pca_mean, dtype=np.float32),
         "pca_components": np.asarray(prep.pca_components, dtype=np.float32),
+    }
+    if prep.scale_mean is not None:
+        rec["scale_mean"] = np.asarray(prep.scale_mean, dtype=np.float32)
+        rec["scale_sd"] = np.asarray(prep.scale_sd, dtype=np.float32)
+    if prep.batch_names is not None:
+        rec["batch_key"] = str(prep.info.get("batch_key"))
+        rec["batch_names"] = np.asarray(prep.batch_names).astype(str)
+        rec["batch_slope"] = np.asarray(prep.batch_slope, dtype=np.float32)
+        rec["batch_shift"] = np.asarray(prep.batch_shift, dtype=np.float32)
+    return rec
+
+
+def fit_record(res: TrainResult, n_pcs: int) -> dict:
+    """The model's trained half: encoder weights, the hybrid space's PCA centre and scale, and
+    per cluster the quantiles of its cells' distances to the centroid (``n_pcs``: the width of
+    the space's PCA block)."""
+    rec: dict = {
         "pca_scale": float(res.pca_scale),
         "encoder": {k: np.asarray(v) for k, v in res.encoder_state.items()},
     }
     if len(res.labels) and len(res.centroids):
         # the encoder's block only: in-sample PCA scores are inflated relative to new cells'
         # (PCA fits its cells' noise), so hybrid-space distances would flag too few new cells
-        dims = res.embedding.shape[1] - (prep.pcs.shape[1] if res.pca_center is not None else 0)
+        dims = res.embedding.shape[1] - (n_pcs if res.pca_center is not None else 0)
         rec["dist_dims"] = int(dims)
         rec["cluster_sizes"] = np.bincount(res.labels, minlength=len(res.centroids))
         rec["dist_quantiles"] = distance_quantiles(
@@ -66,14 +88,6 @@ def model_record(res: TrainResult, prep: Prepared, max_value: float) -> dict:
         )
     if res.pca_center is not None:
         rec["pca_center"] = np.asarray(res.pca_center, dtype=np.float64)
-    if prep.scale_mean is not None:
-        rec["scale_mean"] = np.asarray(prep.scale_mean, dtype=np.float32)
-        rec["scale_sd"] = np.asarray(prep.scale_sd, dtype=np.float32)
-    if prep.batch_names is not None:
-        rec["batch_key"] = str(prep.info.get("batch_key"))
-        rec["batch_names"] = np.asarray(prep.batch_names).astype(str)
-        rec["batch_slope"] = np.asarray(prep.batch_slope, dtype=np.float32)
-        rec["batch_shift"] = np.asarray(prep.batch_shift, dtype=np.float32)
     return rec
 
 

@@ -156,6 +156,9 @@ class SweepSetup:
     gpus_per_worker: float
     label_key: str | None
     plots: bool = True
+    # the fitted preprocessing half of a stored model (``reference.prep_record``): with it,
+    # each trial logs ``reference.h5ad``, so any trial's model maps new cells
+    model_base: dict | None = None
 
 
 def _round_logger(uri: str, run_id: str):
@@ -272,15 +275,16 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     log_metrics(setup.mlflow_uri, run_id, {f"final_{k_}": v for k_, v in final.items()}, steps)
     np.save(trial_dir / "labels.npy", res.labels)
     np.save(trial_dir / "embedding.npy", res.embedding)
-    _trial_artifacts(setup, cfg, res, run_id, trial_dir, result)
+    _trial_artifacts(setup, cfg, res, k, run_id, trial_dir, result)
     client.set_terminated(run_id, "FINISHED")
     ray.tune.report({**final, "final": 1.0, "trial_dir": str(trial_dir)})
 
 
 def _trial_artifacts(
-    setup: SweepSetup, cfg: CICLConfig, res, run_id: str, trial_dir: Path, result
+    setup: SweepSetup, cfg: CICLConfig, res, k: int, run_id: str, trial_dir: Path, result
 ) -> None:
-    """Config, labels table, model checkpoint, UMAP + curves figure."""
+    """Config, labels table, model checkpoint, the trial's model as ``reference.h5ad``,
+    UMAP + curves figure."""
     import pandas as pd
 
     client = mlflow_client(setup.mlflow_uri)
@@ -296,12 +300,32 @@ def _trial_artifacts(
             import shutil
 
             shutil.copy(Path(d) / "state.pt", art / "checkpoint.pt")
+    if setup.model_base is not None and res.encoder_state:
+        _write_reference(setup, cfg, res, k, art / "reference.h5ad")
     if setup.plots:
         try:
             _plot_trial(res, setup, art / "umap_curves.png")
         except Exception as exc:  # noqa: BLE001 - a figure must never fail a trial
             (art / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}")
     client.log_artifacts(run_id, str(art))
+
+
+def _write_reference(setup: SweepSetup, cfg: CICLConfig, res, k: int, path: Path) -> None:
+    """A cell-free reference for ``cicl predict``, as ``cicl.reference.reference_adata``
+    writes for a fit: the config, centroids and the whole model (preprocessing + trained)."""
+    import anndata as ad
+
+    from cicl.api import _h5_safe
+    from cicl.reference import fit_record
+
+    uns = {
+        "params": _h5_safe(cfg.to_dict()),
+        "n_clusters": int(k),
+        "n_clusters_source": "sweep trial",
+        "centroids": np.asarray(res.centroids, dtype=np.float32),
+        "model": {**setup.model_base, **fit_record(res, setup.pcs.shape[1])},
+    }
+    ad.AnnData(uns={"cicl": uns}).write_h5ad(path)
 
 
 def _plot_trial(res, setup: SweepSetup, path: Path) -> None:
@@ -369,8 +393,11 @@ def run_sweep(
     truth: np.ndarray | None = None,
     label_key: str | None = None,
     name_hint: str = "cicl",
+    model_base: dict | None = None,
 ) -> SweepResult:
-    """Run (or ``resume``) a sweep; returns the best trial by the objective."""
+    """Run (or ``resume``) a sweep; returns the best trial by the objective. With
+    ``model_base`` (``reference.prep_record`` of the preprocessing), every finished trial logs
+    its model as ``reference.h5ad``."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -438,6 +465,7 @@ def run_sweep(
         gpus_per_worker=opts.gpus_per_worker,
         label_key=label_key,
         plots=opts.plots,
+        model_base=model_base,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": driver_cpu}

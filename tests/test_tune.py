@@ -116,6 +116,7 @@ def test_sweep_leaves_one_parent_and_a_child_per_trial(sweep):
         assert len(c.get_metric_history(r.info.run_id, "loss")) >= 2  # per round
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert {"config.yaml", "labels.csv", "checkpoint.pt", "umap_curves.png"} <= arts
+        assert "reference.h5ad" in arts  # every finished trial's model maps new cells
     parent = parents[0]
     assert {"best_objective", "best_ari", "trials_finished"} <= set(parent.data.metrics)
     assert parent.data.metrics["trials_finished"] == status.count("FINISHED")
@@ -175,6 +176,19 @@ def test_sweep_writes_the_best_labelling(sweep):
     done = [r for r in children if r.info.status == "FINISHED"]
     best = max(done, key=lambda r: r.data.metrics["final_objective"])
     assert abs(best.data.metrics["final_objective"] - summary["best_objective"]) < 1e-9
+    # the best trial's logged reference (downloaded as from the MLflow UI) maps the cells to
+    # the labels the sweep wrote
+    import mlflow.artifacts
+
+    ref = mlflow.artifacts.download_artifacts(
+        run_id=best.info.run_id,
+        artifact_path="reference.h5ad",
+        dst_path=str(root / "dl"),
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+    )
+    del b.obs["cicl"], b.uns["cicl"]
+    cicl.predict(b, ref)
+    assert np.array_equal(b.obs["cicl"].to_numpy(), a.obs["cicl"].to_numpy())
 
 
 def test_cicl_runs_table(sweep, capsys):
