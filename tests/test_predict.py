@@ -77,6 +77,23 @@ def test_held_out_cells_are_clustered_as_well_as_the_fitted_ones(pollen_split):
     assert out.uns["mapped"]["n_cells_atypical"] == int((pct > 99).sum())
 
 
+def test_models_without_distance_quantiles_still_map(pollen_split):
+    """References written before the distance table existed: labels as before, no
+    percentile column and no count of atypical cells."""
+    ref, query, _ = pollen_split
+    old = ref.copy()
+    model = dict(old.uns["cicl"]["model"])
+    for f in ("dist_quantiles", "dist_dims", "cluster_sizes"):
+        del model[f]
+    old.uns["cicl"]["model"] = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no small-cluster warning: nothing to warn about
+        out = cicl.predict(query, old, copy=True)
+    assert "cicl_dist_pct" not in out.obs and "n_cells_atypical" not in out.uns["cicl"]
+    new = cicl.predict(query, ref, copy=True)
+    assert np.array_equal(out.obs["cicl"].to_numpy(), new.obs["cicl"].to_numpy())
+
+
 def test_distance_percentiles_of_new_cells_of_known_types_are_calibrated():
     # clusters of ~200 cells: held-out cells of the same types should sit where the
     # reference's own cells do (median near 50, about 1 % beyond the 99th percentile)
