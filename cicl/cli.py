@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs column with known labels: ARI/NMI are reported, never used to choose",
     )
     q.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
+    q.add_argument(
+        "--stream",
+        action="store_true",
+        help=f"never load the .h5ad: read it block by block, write a copy with the results "
+        f"(automatic above {STREAM_MIN_CELLS:,} cells)",
+    )
     q.add_argument("--json", action="store_true", help="print one JSON line with the results")
     q.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
@@ -333,6 +339,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_backed(path: str):
+    """The .h5ad opened read-only on disk (obs, var and uns in memory, X read on demand)."""
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path, backed="r")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
+        raise CICLError(f"cannot read '{path}' as .h5ad ({e}).") from None
+
+
 def _check_label_key(adata, key: str | None) -> None:
     if key is None:
         return
@@ -346,6 +362,7 @@ def _check_label_key(adata, key: str | None) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cicl._keys import embedding_key
     from cicl.api import score
     from cicl.data.io import check_output, read_input, write_h5ad_atomic
     from cicl.reference import ATYPICAL_PCT, load_reference, predict
@@ -356,7 +373,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CICLError("The output path is the reference file. Choose another --out path.")
     t0 = time.perf_counter()
     ref = load_reference(ref_path, args.key)  # checked before the (maybe large) input is read
-    adata = read_input(args.input)
+    stream = _wants_stream(args)
+    if stream and args.layer is not None:
+        raise CICLError("--layer is not supported with --stream; put the values in X.")
+    adata = _open_backed(args.input) if stream else read_input(args.input)
     _check_label_key(adata, args.label_key)
     key = args.key_added or args.key
     with warnings.catch_warnings(record=True) as caught:
@@ -383,7 +403,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         r["n_cells_atypical"] = int(info["n_cells_atypical"])
     if args.label_key is not None:
         r.update(score(adata.obs[key].to_numpy(), adata.obs[args.label_key]))
-    write_h5ad_atomic(adata, out)
+    if stream:  # a copy of the input file plus the results; X is never loaded
+        from cicl.data.io import annotate_h5ad_copy
+
+        cols = [c for c in adata.obs if c == key or c.startswith(key + "_")]
+        emb = embedding_key(key)
+        adata.file.close()
+        annotate_h5ad_copy(
+            args.input,
+            out,
+            obs={c: adata.obs[c].values for c in cols},
+            obsm={emb: adata.obsm[emb]},
+            uns={key: adata.uns[key]},
+        )
+        r["streamed"] = True
+    else:
+        write_h5ad_atomic(adata, out)
     r["seconds"] = round(time.perf_counter() - t0, 2)
     r["output"] = str(out)
     sizes = adata.obs[key].value_counts().sort_index()

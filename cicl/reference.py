@@ -25,7 +25,7 @@ import torch
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.cluster.kmeans import distance_percentile, distance_quantiles
 from cicl.config import CICLConfig
-from cicl.data.io import check_matrix
+from cicl.data.io import check_finite, check_matrix
 from cicl.data.preprocess import Prepared, detect_values
 from cicl.data.stream import BlockTransform
 from cicl.errors import InputError
@@ -158,7 +158,10 @@ def predict(
     reference may lack), ``obsm["X_" + key_added]`` (the reference's clustering space) and
     ``uns[key_added]`` (what was matched, and ``n_cells_atypical``: cells above 99). ``key_added``
     defaults to ``key``. ``reference`` may also be ``load_reference``'s result. Cells are
-    mapped ``block`` at a time. Returns ``adata`` if ``copy`` else None.
+    mapped ``block`` at a time; a backed AnnData (``read_h5ad(..., backed="r")``) is read
+    one block at a time and never loaded (its values kind is judged on the first 50,000
+    cells), with the results in its in-memory obs/obsm/uns. Returns ``adata`` if ``copy`` else
+    None.
     """
     key_added = key_added or key
     if reference is adata and key_added == key:
@@ -169,6 +172,8 @@ def predict(
     ref = reference if isinstance(reference, dict) else load_reference(reference, key)
     model = ref["model"]
     cfg = CICLConfig.from_dict(_from_h5(ref["params"]))
+    if adata.isbacked and copy:
+        raise InputError("copy=True needs cells in memory; a backed AnnData is annotated in place.")
     adata = adata.copy() if copy else adata
     check_matrix(adata, layer, min_cells=1)
     X = adata.layers[layer] if layer is not None else adata.X
@@ -184,7 +189,10 @@ def predict(
     parts = []
     for a in range(0, adata.n_obs, block):  # blocks: a large query never densifies at once
         rows = np.arange(a, min(a + block, adata.n_obs))
-        x, pcs = t(X[rows], rows)
+        xb = X[a : a + len(rows)]  # a contiguous slice: one read when X is on disk
+        if adata.isbacked:
+            check_finite(xb)
+        x, pcs = t(xb, rows)
         parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
     h = np.concatenate(parts)
     prob = student_t(torch.from_numpy(h), cents, cfg.cluster.alpha)
@@ -250,6 +258,8 @@ def query_transform(adata: ad.AnnData, model: dict, layer: str | None = None) ->
             "Ensembl IDs) or fit these cells with `cicl fit`."
         )
     X = adata.layers[layer] if layer is not None else adata.X
+    if adata.isbacked:  # on disk: judge the values by the first 50,000 cells
+        X = X[: min(adata.n_obs, 50_000)]
     return BlockTransform(
         kind=_query_kind(X, str(model["values"])),
         gene_idx=gene_idx,

@@ -211,6 +211,40 @@ def test_cli_predict(tmp_path, tiny_cfg, capsys):
     assert rc == 2 and "does not exist" in err
 
 
+def test_cli_predict_streamed(tmp_path, tiny_cfg, capsys):
+    """--stream: the input is read block by block (never loaded) and the output is a copy of
+    it with the results; the same results as in memory."""
+    syn = synthetic_adata(n_cells=160, n_genes=120, n_clusters=3, seed=3)
+    inp, cfg, ref = tmp_path / "in.h5ad", tmp_path / "cfg.yaml", tmp_path / "ref.h5ad"
+    syn.write_h5ad(inp)
+    tiny_cfg.to_yaml(cfg)
+    assert _run(capsys, ["fit", str(inp), "--out", str(ref), "-k", "3", "-c", str(cfg)])[0] == 0
+    base = ["predict", str(inp), "--reference", str(ref), "--json"]
+    mem, streamed = tmp_path / "mem.h5ad", tmp_path / "stream.h5ad"
+    assert _run(capsys, base + ["--out", str(mem)])[0] == 0
+    rc, stdout, err = _run(capsys, base + ["--out", str(streamed), "--stream"])
+    assert rc == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["streamed"] is True
+    a, b = ad.read_h5ad(mem), ad.read_h5ad(streamed)
+    for col in ("cicl", "cicl_confidence", "cicl_dist_pct"):
+        assert np.array_equal(a.obs[col].to_numpy(), b.obs[col].to_numpy()), col
+    assert np.allclose(a.obsm["X_cicl"], b.obsm["X_cicl"])
+    assert b.uns["cicl"]["n_cells_atypical"] == a.uns["cicl"]["n_cells_atypical"]
+    assert (b.X != syn.X).nnz == 0  # the input's matrix, copied untouched
+    # bad values found while streaming: one line, exit 2, nothing written
+    bad = syn.copy()
+    bad.X = bad.X.toarray()
+    bad.X[150, 5] = np.nan
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    out = tmp_path / "bad_out.h5ad"
+    argv = ["predict", str(tmp_path / "bad.h5ad"), "-r", str(ref), "-o", str(out), "--stream"]
+    rc, _, err = _run(capsys, argv)
+    assert rc == 2 and "NaN or infinite" in err and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".bad_out*"))
+    rc, _, err = _run(capsys, argv + ["--layer", "counts"])
+    assert rc == 2 and "--layer is not supported with --stream" in err
+
+
 @pytest.mark.parametrize(
     "over",
     [

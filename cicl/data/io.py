@@ -77,13 +77,11 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
     X = adata.layers[layer] if layer is not None else adata.X
     if X is None:
         raise InputError("The input has no expression matrix (X is empty). Store counts in X.")
-    v = X.data if sp.issparse(X) else np.asarray(X)
-    if not np.issubdtype(v.dtype, np.number):
-        raise InputError(f"The expression matrix has non-numeric dtype {v.dtype}.")
-    if not np.all(np.isfinite(v)):
-        raise InputError(
-            "The expression matrix contains NaN or infinite values. Remove or impute them first."
-        )
+    if adata.isbacked:  # on disk: the dtype here, the values block by block (check_finite)
+        if not np.issubdtype(X.dtype, np.number):
+            raise InputError(f"The expression matrix has non-numeric dtype {X.dtype}.")
+    else:
+        check_finite(X)
     if adata.n_obs < min_cells:
         raise InputError(f"Only {adata.n_obs} cells: clustering needs at least {min_cells}.")
     for axis, names, fix in (
@@ -96,6 +94,17 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
                 f"{len(dup)} duplicate {axis} names (e.g. '{dup[0]}'). Make them unique first, "
                 f"e.g. adata.{fix}() in Python, then save and rerun."
             )
+
+
+def check_finite(X) -> None:
+    """Refuse a non-numeric matrix or one with NaN / infinite values (dense or sparse)."""
+    v = X.data if sp.issparse(X) else np.asarray(X)
+    if not np.issubdtype(v.dtype, np.number):
+        raise InputError(f"The expression matrix has non-numeric dtype {v.dtype}.")
+    if not np.all(np.isfinite(v)):
+        raise InputError(
+            "The expression matrix contains NaN or infinite values. Remove or impute them first."
+        )
 
 
 def write_h5ad_atomic(adata: ad.AnnData, out: str | Path) -> None:
