@@ -203,7 +203,8 @@ def predict(
     )
     adata.obs[key_added + "_confidence"] = conf.numpy().astype(np.float32)
     n_atypical = None
-    if "dist_quantiles" in model:  # stored by fits since the format's first revision
+    adata.obs.drop(columns=[key_added + "_dist_pct"], errors="ignore", inplace=True)  # stale
+    if "dist_quantiles" in model:  # models stored by earlier versions lack the table
         dims = int(model["dist_dims"])
         pct = distance_percentile(
             h[:, :dims].astype(np.float64),

@@ -86,9 +86,11 @@ def test_models_without_distance_quantiles_still_map(pollen_split):
     for f in ("dist_quantiles", "dist_dims", "cluster_sizes"):
         del model[f]
     old.uns["cicl"]["model"] = model
+    stale = query.copy()
+    stale.obs["cicl_dist_pct"] = 1.0  # from an earlier mapping: must not survive this one
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no small-cluster warning: nothing to warn about
-        out = cicl.predict(query, old, copy=True)
+        out = cicl.predict(stale, old, copy=True)
     assert "cicl_dist_pct" not in out.obs and "n_cells_atypical" not in out.uns["cicl"]
     new = cicl.predict(query, ref, copy=True)
     assert np.array_equal(out.obs["cicl"].to_numpy(), new.obs["cicl"].to_numpy())
