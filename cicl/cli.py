@@ -415,6 +415,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             obs={c: adata.obs[c].values for c in cols},
             obsm={emb: adata.obsm[emb]},
             uns={key: adata.uns[key]},
+            drop_obs=(key + "_dist_pct",),  # stale when this reference has no distance table
         )
         r["streamed"] = True
     else:

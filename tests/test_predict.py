@@ -233,6 +233,16 @@ def test_cli_predict_streamed(tmp_path, tiny_cfg, capsys):
     assert np.allclose(a.obsm["X_cicl"], b.obsm["X_cicl"])
     assert b.uns["cicl"]["n_cells_atypical"] == a.uns["cicl"]["n_cells_atypical"]
     assert (b.X != syn.X).nnz == 0  # the input's matrix, copied untouched
+    # a stale percentile column in the input goes when the reference has no distance table
+    old_ref = ad.read_h5ad(ref)
+    for f in ("dist_quantiles", "dist_dims", "cluster_sizes"):
+        del old_ref.uns["cicl"]["model"][f]
+    old_ref.write_h5ad(tmp_path / "old_ref.h5ad")
+    again = tmp_path / "again.h5ad"
+    argv = ["predict", str(streamed), "-r", str(tmp_path / "old_ref.h5ad"), "-o", str(again)]
+    assert _run(capsys, argv + ["--stream"])[0] == 0
+    c = ad.read_h5ad(again)
+    assert "cicl_dist_pct" not in c.obs and "cicl_confidence" in c.obs
     # bad values found while streaming: one line, exit 2, nothing written
     bad = syn.copy()
     bad.X = bad.X.toarray()

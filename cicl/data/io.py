@@ -139,10 +139,16 @@ def check_output(inp: str | Path, out: str | Path, force: bool) -> Path:
 
 
 def annotate_h5ad_copy(
-    src: str | Path, out: str | Path, obs: dict, obsm: dict, uns: dict[str, dict]
+    src: str | Path,
+    out: str | Path,
+    obs: dict,
+    obsm: dict,
+    uns: dict[str, dict],
+    drop_obs: tuple[str, ...] = (),
 ) -> None:
-    """Write ``out`` = the ``src`` file plus new obs columns, obsm arrays and uns entries,
-    without loading X (for atlases): copy to a temporary name, edit in place, rename."""
+    """Write ``out`` = the ``src`` file plus new obs columns, obsm arrays and uns entries (and
+    without the ``drop_obs`` columns, e.g. stale results), without loading X (for atlases):
+    copy to a temporary name, edit in place, rename."""
     import shutil
 
     import h5py
@@ -153,7 +159,7 @@ def annotate_h5ad_copy(
     try:
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "a") as f:
-            frame = ad.io.read_elem(f["obs"])
+            frame = ad.io.read_elem(f["obs"]).drop(columns=list(drop_obs), errors="ignore")
             for k, v in obs.items():
                 frame[k] = v
             del f["obs"]
