@@ -659,19 +659,40 @@ def _finish(
     )
 
 
-def _close_orphans(setup: SweepSetup, trials: list[dict]) -> None:
-    """Child runs still RUNNING after the sweep (a trial ASHA stopped, or one that errored)
-    are closed: KILLED when stopped early, FAILED on error. None stays RUNNING."""
+def _close_orphans(setup: SweepSetup, trials: list[dict]) -> int:
+    """Leave no child run RUNNING and none that is not a trial of this sweep.
+
+    Runs still RUNNING (a trial ASHA stopped, or one that errored) are closed: KILLED when
+    stopped early, FAILED on error. A run whose trial Tune no longer knows is a trial the
+    driver started after Tune last saved its state (Tune saves every 10 s or more) and then
+    died; on ``--resume`` the searcher draws a new trial in its place, so that run would be a
+    phantom next to the sweep's trials. Unfinished, it is deleted (MLflow's soft delete:
+    ``mlflow runs restore`` brings it back); finished, its result is real and it stays, tagged
+    ``cicl.lost``. Returns how many runs were deleted.
+    """
     client = mlflow_client(setup.mlflow_uri)
     status = {t["trial_id"]: t for t in trials}
     runs = client.search_runs(
         [setup.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{setup.parent_run_id}'"
     )
+    deleted = 0
     for run in runs:
-        if run.info.status != "RUNNING":
-            continue
         t = status.get(run.data.tags.get("cicl.trial_id"))
-        client.set_terminated(run.info.run_id, "FAILED" if (t and t["error"]) else "KILLED")
+        if t is None:
+            client.set_tag(run.info.run_id, "cicl.lost", "true")
+            if run.info.status != "FINISHED":
+                client.set_terminated(run.info.run_id, "KILLED")
+                client.delete_run(run.info.run_id)
+                deleted += 1
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED" if t["error"] else "KILLED")
+    if deleted:
+        print(
+            f"{deleted} trial run(s) the interrupted driver had started after Tune's last saved "
+            "state were deleted from MLflow (Tune drew new trials in their place).",
+            file=sys.stderr,
+        )
+    return deleted
 
 
 def _sweep_artifacts(

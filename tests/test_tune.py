@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cicl.sweep import finished_result
+from cicl.sweep import _close_orphans, finished_result
 from cicl.tracking import default_mlflow_uri, mlflow_client
 
 
@@ -262,15 +262,63 @@ def test_restarted_trial_reuses_a_finished_run_only(tmp_path):
     assert finished_result(c, bare) is None
 
 
+def test_runs_of_trials_tune_lost_are_not_left_beside_the_sweep(tmp_path, capsys):
+    """After a sweep (or a resume), child runs are closed by what Tune knows of their trial:
+    RUNNING ones KILLED (stopped early) or FAILED (errored); a run whose trial Tune lost (the
+    driver died before Tune saved it; the searcher drew a new trial in its place) is deleted
+    when unfinished and kept, tagged, when it finished. Nothing else is touched."""
+    from types import SimpleNamespace
+
+    c = _client(tmp_path)
+    exp = c.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    parent = c.create_run(exp).info.run_id
+    run = {}
+    for name in ("stopped", "errored", "done", "lost", "lost_done"):
+        tags = {"mlflow.parentRunId": parent, "cicl.trial_id": name}
+        run[name] = c.create_run(exp, tags=tags).info.run_id
+    for name in ("done", "lost_done"):
+        c.set_terminated(run[name], "FINISHED")
+    trials = [
+        {"trial_id": "stopped", "error": None},
+        {"trial_id": "errored", "error": "boom"},
+        {"trial_id": "done", "error": None},
+    ]
+    setup = SimpleNamespace(
+        mlflow_uri=default_mlflow_uri(tmp_path), experiment_id=exp, parent_run_id=parent
+    )
+    assert _close_orphans(setup, trials) == 1
+    assert "1 trial run(s)" in capsys.readouterr().err
+    got = {n: c.get_run(r) for n, r in run.items()}
+    assert got["stopped"].info.status == "KILLED"
+    assert got["errored"].info.status == "FAILED"
+    assert got["done"].info.status == "FINISHED" and "cicl.lost" not in got["done"].data.tags
+    assert got["lost"].info.lifecycle_stage == "deleted"
+    assert got["lost_done"].info.lifecycle_stage == "active"
+    assert got["lost_done"].info.status == "FINISHED"
+    assert got["lost_done"].data.tags["cicl.lost"] == "true"
+    assert c.get_run(parent).info.status == "RUNNING"  # the parent is the caller's to close
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "killed"])
 def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
     """Ctrl-C, or SIGKILL of the driver's whole process group (the machine running the driver
     dies), after the first finished trial; then --resume: 3 trials, exactly one MLflow child
-    run each, none RUNNING, the finished trial not rerun."""
+    run each, none RUNNING, the finished trial not rerun. The killed driver saves Tune's state
+    only once, at its start, so Tune forgets the second trial (started when the first
+    finished) and draws a new one on resume: that trial's run must not stay beside them (this
+    happened by chance in CI, where Tune's save period grows past 10 s on a slow disk)."""
     args = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, tmp_path, "rs")]
     args[args.index("--concurrent") + 1] = "1"
+    env = dict(os.environ)
+    if how == "killed":
+        env["TUNE_GLOBAL_CHECKPOINT_S"] = "1000000"  # Tune's documented save-period setting
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
     )
     db = tmp_path / "mlflow.db"
     deadline = time.time() + 600
@@ -299,7 +347,8 @@ def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
         _, _, children = _runs(tmp_path, "rs")
         assert all(r.info.status != "RUNNING" for r in children)
     else:
-        time.sleep(12)  # let Tune save its experiment state after that trial, as it does
+        while time.time() < deadline and len(_runs(tmp_path, "rs")[2]) < 2:
+            time.sleep(1)  # until the second trial has its run
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=900)
@@ -309,6 +358,8 @@ def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
     assert len(children) == 3 and len(set(ids)) == 3
     assert parents[0].info.status == "FINISHED"  # children: FINISHED, or KILLED by ASHA
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    if how == "killed":
+        assert "were deleted from MLflow" in resumed.stderr
     again = c.get_run(first.info.run_id)
     assert again.info.end_time == first.info.end_time  # the finished trial was not rerun
 
