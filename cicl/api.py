@@ -133,11 +133,8 @@ def write_result(
     emb[mask] = res.embedding
     adata.obsm[embedding_key(key_added)] = emb
     adata.uns[key_added] = {
-        "params": _h5_safe(cfg.to_dict()),
+        **model_uns(cfg, k, source, res.centroids),
         "preprocess": _h5_safe(prep_info),
-        "n_clusters": int(k),
-        "n_clusters_source": source,
-        "centroids": res.centroids.astype(np.float32),
         "history": pd.DataFrame(res.history).to_dict(orient="list") if res.history else {},
         "epochs": int(res.epochs),
         "steps": int(res.steps),
@@ -147,6 +144,17 @@ def write_result(
     }
     if model is not None:
         adata.uns[key_added]["model"] = model
+
+
+def model_uns(cfg: CICLConfig, k: int, source: str, centroids: np.ndarray) -> dict:
+    """The ``uns`` fields every stored model has (a fit's output, a sweep trial's reference):
+    what ``cicl predict`` reads besides ``model``."""
+    return {
+        "params": _h5_safe(cfg.to_dict()),
+        "n_clusters": int(k),
+        "n_clusters_source": source,
+        "centroids": np.asarray(centroids, dtype=np.float32),
+    }
 
 
 def _h5_safe(d: Any) -> Any:

@@ -315,16 +315,11 @@ def _write_reference(setup: SweepSetup, cfg: CICLConfig, res, k: int, path: Path
     writes for a fit: the config, centroids and the whole model (preprocessing + trained)."""
     import anndata as ad
 
-    from cicl.api import _h5_safe
+    from cicl.api import model_uns
     from cicl.reference import fit_record
 
-    uns = {
-        "params": _h5_safe(cfg.to_dict()),
-        "n_clusters": int(k),
-        "n_clusters_source": "sweep trial",
-        "centroids": np.asarray(res.centroids, dtype=np.float32),
-        "model": {**setup.model_base, **fit_record(res, setup.pcs.shape[1])},
-    }
+    uns = model_uns(cfg, k, "sweep trial", res.centroids)
+    uns["model"] = {**setup.model_base, **fit_record(res, setup.pcs.shape[1])}
     ad.AnnData(uns={"cicl": uns}).write_h5ad(path)
 
 
