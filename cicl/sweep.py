@@ -506,7 +506,7 @@ def run_sweep(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _quiet_tune(not opts.tune_tables):
         grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < opts.trials:  # Ctrl-C: Tune saved its state
         trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "error": r.error} for r in grid]
@@ -517,6 +517,22 @@ def run_sweep(
             f"trials. Continue it with: cicl tune ... --resume --experiment {experiment}"
         )
     return _finish(grid, setup, space, k_est, experiment, path, opts)
+
+
+@contextlib.contextmanager
+def _quiet_tune(quiet: bool):
+    """Without Tune's tables, also drop Tune's closing INFO lines ("Wrote the latest version of
+    all result files ...", "Total run time ..."): the trial bar and cicl's summary say it."""
+    import logging
+
+    log = logging.getLogger("ray.tune.tune")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _trial_bar(total: int):

@@ -374,4 +374,6 @@ def test_sweep_shows_one_progress_bar_not_tune_tables(sweep):
     # stdout is the result only (Tune's experiment box goes to stderr with the progress)
     assert len(proc.stdout.strip().splitlines()) == 1
     assert "Creating initial MLflow database tables" not in proc.stderr
+    assert "Wrote the latest version" not in proc.stderr  # Tune's closing INFO lines
+    assert "Total run time" not in proc.stderr
     assert "Warning" not in proc.stderr  # no Optuna / matplotlib warnings from the figures
