@@ -67,11 +67,39 @@ def _positive_int(name: str, value: str | None) -> int | None:
     return k
 
 
+class _Version(argparse.Action):
+    """``--version``: cicl and the versions a bug report needs, read from the installed
+    packages' metadata (nothing heavy is imported)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        from cicl import __version__
+
+        parts = []
+        for pkg in ("torch", "ray", "mlflow", "optuna", "scanpy", "anndata"):
+            try:
+                parts.append(f"{pkg} {version(pkg)}")
+            except PackageNotFoundError:
+                parts.append(f"{pkg} not installed")
+        print(f"cicl {__version__} ({', '.join(parts)}; Python {platform.python_version()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cicl",
         description="Cluster single-cell RNA-seq data with CICL (cluster-aware iterative "
         "contrastive learning).",
+    )
+    p.add_argument(
+        "--version",
+        action=_Version,
+        help="print cicl's version and its stack's (for bug reports) and exit",
     )
     sub = p.add_subparsers(dest="command", required=True)
 

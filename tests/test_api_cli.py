@@ -157,3 +157,16 @@ def test_config_show_and_validate(tmp_path, capsys):
     bad.write_text("loss:\n  temprature: 0.2\n")
     assert main(["config", "validate", str(bad)]) == 2
     assert "Did you mean" in capsys.readouterr().err
+
+
+def test_version_names_cicl_and_its_stack(capsys):
+    """`cicl --version` prints cicl's version and the pinned stack's, then exits 0."""
+    import cicl
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cicl {cicl.__version__} (torch 2.13.0")  # "+cpu" on CPU wheels
+    assert ", ray 2.60.0, mlflow 3.17." in out
+    assert "scanpy 1.11." in out and "Python 3.11" in out
