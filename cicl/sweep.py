@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -521,18 +522,25 @@ def run_sweep(
 
 @contextlib.contextmanager
 def _quiet_tune(quiet: bool):
-    """Without Tune's tables, also drop Tune's closing INFO lines ("Wrote the latest version of
-    all result files ...", "Total run time ..."): the trial bar and cicl's summary say it."""
+    """Without Tune's tables, Tune stays silent: its experiment box, "View detailed results
+    here" and TensorBoard hint (printed by its new output engine at every verbosity; the
+    legacy reporter it falls back to honours ``verbose=0``) and its closing INFO lines ("Wrote
+    the latest version of all result files ...", "Total run time ..."). The trial bar and
+    cicl's summary say what matters; ``--tune-tables`` brings Tune's own output back."""
     import logging
 
     log = logging.getLogger("ray.tune.tune")
-    level = log.level
+    level, engine = log.level, os.environ.get("RAY_AIR_NEW_OUTPUT")
     if quiet:
         log.setLevel(logging.WARNING)
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tune when fit() starts
     try:
         yield
     finally:
         log.setLevel(level)
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        if engine is not None:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
 def _trial_bar(total: int):

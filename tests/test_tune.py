@@ -376,4 +376,6 @@ def test_sweep_shows_one_progress_bar_not_tune_tables(sweep):
     assert "Creating initial MLflow database tables" not in proc.stderr
     assert "Wrote the latest version" not in proc.stderr  # Tune's closing INFO lines
     assert "Total run time" not in proc.stderr
+    assert "Configuration for experiment" not in proc.stderr  # nor its experiment box
+    assert "tensorboard --logdir" not in proc.stderr
     assert "Warning" not in proc.stderr  # no Optuna / matplotlib warnings from the figures
