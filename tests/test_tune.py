@@ -64,6 +64,14 @@ def _runs(root: Path, experiment: str):
     return c, parents, children
 
 
+def _n_children(root: Path, experiment: str) -> int:
+    """Child runs so far, read while a sweep writes the store (0 if the read fails)."""
+    try:
+        return len(_runs(root, experiment)[2])
+    except Exception:  # noqa: BLE001 - a busy store is read again on the next poll
+        return 0
+
+
 def _tune_args(data_dir: Path, root: Path, experiment: str, trials: int = 3) -> list[str]:
     return [
         "tune",
@@ -347,7 +355,7 @@ def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
         _, _, children = _runs(tmp_path, "rs")
         assert all(r.info.status != "RUNNING" for r in children)
     else:
-        while time.time() < deadline and len(_runs(tmp_path, "rs")[2]) < 2:
+        while time.time() < deadline and _n_children(tmp_path, "rs") < 2:
             time.sleep(1)  # until the second trial has its run
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
