@@ -170,3 +170,26 @@ def test_version_names_cicl_and_its_stack(capsys):
     assert out.startswith(f"cicl {cicl.__version__} (torch 2.13.0")  # "+cpu" on CPU wheels
     assert ", ray 2.60.0, mlflow 3.17." in out
     assert "scanpy 1.11." in out and "Python 3.11" in out
+
+
+def test_results_feed_scanpy_downstream(syn, tiny_cfg):
+    """The README's scanpy recipe runs on a fit's output: neighbours and UMAP on X_cicl,
+    marker genes per CICL cluster, after leaving out the cells preprocessing dropped (their
+    label is missing and their X_cicl row NaN)."""
+    import scanpy as sc
+
+    x = syn.X.tolil()
+    x[:2] = 0  # two empty cells: dropped by preprocessing, left unlabelled
+    syn.X = x.tocsr()
+    with pytest.warns(UserWarning, match="dropped 2 cells"):
+        cicl.fit(syn, 3, config=tiny_cfg, progress=False)
+    assert syn.obs["cicl"].isna().sum() == 2 and np.isnan(syn.obsm["X_cicl"][:2]).all()
+    sub = syn[syn.obs["cicl"].notna()].copy()
+    sc.pp.normalize_total(sub, target_sum=1e4)
+    sc.pp.log1p(sub)
+    sc.pp.neighbors(sub, use_rep="X_cicl")
+    sc.tl.umap(sub, random_state=0)
+    sc.tl.rank_genes_groups(sub, "cicl")
+    assert sub.obsm["X_umap"].shape == (148, 2) and np.isfinite(sub.obsm["X_umap"]).all()
+    markers = sc.get.rank_genes_groups_df(sub, None)
+    assert set(markers["group"]) == {"0", "1", "2"}
