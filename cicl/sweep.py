@@ -30,6 +30,7 @@ from cicl.config import CICLConfig
 from cicl.errors import CICLError
 from cicl.objective import SUPERVISED, resolve, score_labels
 from cicl.tracking import (
+    child_runs,
     default_mlflow_uri,
     ensure_experiment,
     find_or_create_run,
@@ -691,11 +692,8 @@ def _close_orphans(setup: SweepSetup, trials: list[dict]) -> int:
     """
     client = mlflow_client(setup.mlflow_uri)
     status = {t["trial_id"]: t for t in trials}
-    runs = client.search_runs(
-        [setup.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{setup.parent_run_id}'"
-    )
     deleted = 0
-    for run in runs:
+    for run in child_runs(client, setup.experiment_id, setup.parent_run_id):
         t = status.get(run.data.tags.get("cicl.trial_id"))
         if t is None:
             client.set_tag(run.info.run_id, "cicl.lost", "true")

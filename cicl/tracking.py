@@ -91,6 +91,22 @@ def find_or_create_run(
     return run.info.run_id, True
 
 
+def child_runs(client, exp_id: str, parent: str, page_size: int = 1000) -> list:
+    """Every run whose parent is ``parent``, page by page (one search returns at most 1,000)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+            max_results=page_size,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cicl.sweep import _close_orphans, finished_result
-from cicl.tracking import default_mlflow_uri, mlflow_client
+from cicl.tracking import child_runs, default_mlflow_uri, mlflow_client
 
 
 def _client(root: Path):
@@ -305,6 +305,19 @@ def test_runs_of_trials_tune_lost_are_not_left_beside_the_sweep(tmp_path, capsys
     assert got["lost_done"].info.status == "FINISHED"
     assert got["lost_done"].data.tags["cicl.lost"] == "true"
     assert c.get_run(parent).info.status == "RUNNING"  # the parent is the caller's to close
+
+
+def test_child_runs_reads_every_page(tmp_path):
+    """A sweep's child runs are read page by page: none is missed past the first page, and
+    runs of another parent are not included."""
+    c = _client(tmp_path)
+    exp = c.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    parent, other = c.create_run(exp).info.run_id, c.create_run(exp).info.run_id
+    mine = {c.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(5)}
+    c.create_run(exp, tags={"mlflow.parentRunId": other})
+    got = child_runs(c, exp, parent, page_size=2)
+    assert len(got) == 5
+    assert {r.info.run_id for r in got} == mine
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "killed"])
