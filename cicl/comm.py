@@ -51,11 +51,23 @@ class TorchDistComm(Comm):
         self._dist = dist
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        # NCCL moves only CUDA tensors, gloo is used here for CPU ones; callers pass either
+        # (counts and random draws live on the CPU, embeddings on the training device), so
+        # each collective runs on the backend's device and hands back the caller's
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
+
+    def _on(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` on the backend's device (never ``t`` itself: collectives write)."""
+        return t.to(self.device, copy=True).contiguous()
 
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        out = t.clone()
+        out = self._on(t)
         self._dist.all_reduce(out, op=op)
-        return out
+        return out.to(t.device)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, self._dist.ReduceOp.SUM)
@@ -67,17 +79,18 @@ class TorchDistComm(Comm):
         return self._reduce(t, self._dist.ReduceOp.MIN)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        self._dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        mine = self._on(t)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        self._dist.all_gather(parts, mine)
+        return torch.cat(parts).to(t.device)
 
     def gather_grad(self, t: torch.Tensor) -> torch.Tensor:
         return _GatherGrad.apply(t.contiguous(), self)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        out = t.clone().contiguous()
+        out = self._on(t)
         self._dist.broadcast(out, src=src)
-        return out
+        return out.to(t.device)
 
     def barrier(self) -> None:
         self._dist.barrier()

@@ -168,3 +168,61 @@ def test_two_rank_training_keeps_models_in_sync():
 
     labels = np.concatenate([r0["labels"], r1["labels"]])
     assert adjusted_rand_score(np.repeat(np.arange(3), 60), labels) > 0.9
+
+
+def _comm_devices(comm: TorchDistComm, out: str) -> None:
+    n = torch.tensor(comm.rank + 1, dtype=torch.long)  # CPU counts, as train() passes them
+    flags = torch.tensor([True, comm.rank == 1])  # bool masks, as the cluster loss gathers
+    s, g, b = comm.sum(n), comm.gather(flags), comm.broadcast(torch.tensor([comm.rank]), src=1)
+    torch.save({"s": s, "g": g, "b": b, "n": n}, os.path.join(out, f"r{comm.rank}.pt"))
+
+
+def test_collectives_hand_back_new_tensors_on_the_callers_device():
+    """Collectives run on the backend's device (NCCL: CUDA) and return on the caller's, never
+    writing into the input: train() passes CPU counts and RNG draws next to device tensors."""
+    out = _spawn("_comm_devices")
+    for r in (0, 1):
+        got = torch.load(os.path.join(out, f"r{r}.pt"))
+        assert got["n"].item() == r + 1  # input untouched
+        assert got["s"].item() == 3 and got["s"].device.type == "cpu"
+        assert got["g"].tolist() == [True, False, True, True] and got["g"].dtype == torch.bool
+        assert got["b"].tolist() == [1]
+
+
+def _tiny_problem():
+    from cicl.config import CICLConfig
+
+    rng = np.random.default_rng(1)
+    lab = np.repeat(np.arange(3), 40)
+    x = (rng.normal(0, 3, (3, 30))[lab] + rng.normal(0, 1, (120, 30))).astype(np.float32)
+    pcs = np.linalg.svd(x - x.mean(0), full_matrices=False)[0][:, :5] * 10
+    cfg = CICLConfig().with_overrides(
+        {
+            "model.encoder": "mlp",
+            "model.embed_dim": 8,
+            "train.epochs": 4,
+            "train.batch_size": 40,
+            "train.device": "cpu",
+            "cluster.recluster_every": 2,
+            "cluster.n_init": 2,
+        }
+    )
+    return x, pcs, cfg
+
+
+def test_resume_in_one_process_continues_exactly_and_survives_a_foreign_rng_state():
+    """A checkpoint resumes to the uninterrupted run's labels; one whose augmentation RNG came
+    from another kind of device (a CUDA generator's state is 16 bytes) resumes with a fresh
+    stream instead of failing."""
+    from cicl.train.loop import train
+
+    x, pcs, cfg = _tiny_problem()
+    rounds: list[dict] = []
+    full = train(x, pcs, 3, cfg, on_round=lambda r, ck: rounds.append(ck))  # kept in memory
+    first = rounds[0]
+    assert first["epoch"] == 2
+    again = train(x, pcs, 3, cfg, restore=first)
+    assert np.array_equal(again.labels, full.labels) and again.steps == full.steps
+    foreign = dict(first, rng_aug=torch.zeros(1, 16, dtype=torch.uint8))
+    other = train(x, pcs, 3, cfg, restore=foreign)
+    assert other.steps == full.steps and len(np.unique(other.labels)) == 3

@@ -9,6 +9,7 @@ them).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -50,6 +51,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def rng(device: torch.device, seed: int) -> torch.Generator:
+    """The generator for augmentations and shuffling, on the training device: on a GPU, drawing
+    the views' random numbers on the CPU and copying them over took longer than the step itself.
+    Same seed, same kind of device -> same run (CPU and CUDA streams differ)."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def auto_epochs(n_cells: int, batch_size: int, epochs: int, min_steps: int, max_steps: int) -> int:
@@ -121,7 +129,7 @@ def train(
     rank = comm.rank if comm.world > 1 else rank
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    gen = torch.Generator().manual_seed(cfg.seed + rank)  # augmentation: seed + rank
+    gen = rng(device, cfg.seed + rank)  # augmentation and shuffling: seed + rank
     n_local = x.shape[0]
     n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
@@ -144,7 +152,7 @@ def train(
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
 
     def nbr_rows(idx: torch.Tensor) -> torch.Tensor:
-        pick = torch.randint(nbr.shape[1], (idx.shape[0],), generator=gen).to(device)
+        pick = torch.randint(nbr.shape[1], (idx.shape[0],), generator=gen, device=gen.device)
         return xt[nbr[idx, pick]]
 
     static = None
@@ -208,7 +216,7 @@ def train(
     bar = _progress(epochs, progress and rank == 0, initial=start_epoch - 1)
     for epoch in range(start_epoch, epochs + 1):
         model.train()
-        perm = torch.randperm(n_local, generator=gen).to(device)
+        perm = torch.randperm(n_local, generator=gen, device=gen.device)
         use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
         tot = inst_tot = clu_tot = 0.0
         for i in range(steps_per_epoch):
@@ -345,13 +353,14 @@ def make_state(
     comm: Comm,
 ) -> dict:
     """The full training state after a round (collective: gathers every rank's RNG states).
-    Only tensors, numbers, strings and containers: loads with ``torch.load(weights_only=True)``."""
+    Only tensors, numbers, strings and containers: loads with ``torch.load(weights_only=True)``.
+    A copy, not views of the live weights: a caller may keep it while training goes on."""
     return {
         "epoch": epoch,
         "steps": steps,
         "world": comm.world,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(opt.state_dict()),
         "centroids": km.centroids.cpu(),
         "inertia": km.inertia,
         "history": list(history),
@@ -374,7 +383,8 @@ def load_state(
     opt.load_state_dict(state["optimizer"])
     cents = state["centroids"].to(device)
     km = KMeansResult(cents, torch.empty(0, dtype=torch.long), float(state["inertia"]), 0)
-    if int(state["world"]) == comm.world:
+    same_stream = state["rng_aug"].shape[1] == gen.get_state().numel()  # CPU vs CUDA state
+    if int(state["world"]) == comm.world and same_stream:
         gen.set_state(state["rng_aug"][comm.rank].clone())
         torch.set_rng_state(state["rng_torch"][comm.rank].clone())
     return km, list(state["history"]), int(state["steps"]), int(state["epoch"]) + 1

@@ -34,6 +34,7 @@ from cicl.train.loop import (
     load_state,
     make_state,
     resolve_device,
+    rng,
 )
 
 
@@ -55,7 +56,9 @@ def block_knn(pcs: torch.Tensor, k: int) -> torch.Tensor:
 
 def _blocks(n: int, size: int, gen: torch.Generator | None) -> Iterator[np.ndarray]:
     starts = np.arange(0, n, size)
-    order = torch.randperm(len(starts), generator=gen).numpy() if gen is not None else None
+    order = None
+    if gen is not None:
+        order = torch.randperm(len(starts), generator=gen, device=gen.device).cpu().numpy()
     for i in order if order is not None else range(len(starts)):
         s = int(starts[i])
         yield np.arange(s, min(s + size, n))
@@ -84,7 +87,7 @@ def train_stream(
     comm = comm or Comm()
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + comm.rank)
+    gen = rng(device, cfg.seed + comm.rank)
     n_local = source.n
     n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
     model, net, opt = build_model(n_genes, cfg, groups, pca_init, device, comm)
@@ -182,18 +185,18 @@ def train_stream(
                 continue
             xb, pb = load(idx)
             nbr = block_knn(pb, cfg.augment.n_neighbors)
-            perm = torch.randperm(len(idx), generator=gen)
+            perm = torch.randperm(len(idx), generator=gen, device=gen.device)
             for j in range(0, len(idx) - b_local + 1, b_local):
                 if done == steps_per_epoch:
                     break
                 loc = perm[j : j + b_local]
-                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen)
+                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen, device=gen.device)
                 xn = xb[nbr[loc.to(device), pick.to(device)]]
                 v1 = augment(xb[loc.to(device)], xn, cfg.augment, gen)
-                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen)
+                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen, device=gen.device)
                 xn = xb[nbr[loc.to(device), pick.to(device)]]
                 v2 = augment(xb[loc.to(device)], xn, cfg.augment, gen)
-                gl = torch.from_numpy(idx)[loc]
+                gl = torch.from_numpy(idx)[loc.cpu()]
                 pseudo = (lab_all[gl].to(device), conf_all[gl].float().to(device))
                 li, lc = contrastive_step(
                     net, opt, v1, v2, pseudo if use_cluster else None, cfg, comm

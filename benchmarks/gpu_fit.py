@@ -1,0 +1,253 @@
+"""The whole CICL fit on the twelve real datasets on a GPU, without Ray or AnnData.
+
+The device machine has torch but no scanpy/AnnData, and only a small folder travels there, so
+the work is split in two:
+
+    # here (AnnData + scanpy): the default preprocessing of every dataset, stored compactly
+    .venv/bin/python benchmarks/gpu_fit.py prepare --data ../shared/data --out .gpu_data
+    # on the GPU box (torch, numpy, sklearn): train + cluster each dataset, 3 seeds
+    python benchmarks/gpu_fit.py run --prep .gpu_data --seeds 3 --out benchmarks/results
+
+``prepare`` stores the scaled matrix losslessly as a per-gene base (the value every zero of the
+log-normalised input scales to) plus the sparse values that differ from it, next to the PCA and the labels.
+``run`` calls ``cicl.train.loop.train`` exactly as ``cicl fit`` does (default config, true K,
+``train.device`` = the GPU) and writes ``gpu_fit.csv`` / ``gpu_fit.md``: ARI and NMI mean ± sd
+and training seconds per dataset, beside the CPU numbers of ``quality.csv`` when present.
+With ``--dist-check`` it also trains one dataset through ``TorchDistComm`` over a one-rank NCCL
+process group (every collective of the multi-GPU path, on CUDA tensors) and compares its
+labels with the plain run's; ``--repeat-check`` refits seed 0 to see whether the GPU run is
+bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prepare(data: Path, out: Path) -> None:
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from cicl.config import PreprocessConfig
+    from cicl.data.preprocess import preprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(data.glob("*.h5ad")):
+        a = ad.read_h5ad(path)
+        p = preprocess(a, PreprocessConfig())
+        x = p.x.astype(np.float32)
+        base = _mode_per_gene(x)
+        # the cells' own values wherever they differ from the base (stored, not differenced:
+        # base + (x - base) need not round back to x)
+        diff = sp.csr_matrix(np.where(x != base[None, :], x, 0).astype(np.float32))
+        diff.data = x[x != base[None, :]]
+        y = a.obs["cell_type"].astype("category").cat.codes.to_numpy().astype(np.int16)
+        np.savez_compressed(
+            out / f"{path.stem}.npz",
+            base=base,
+            data=diff.data.astype(np.float32),
+            indices=diff.indices.astype(np.int32),
+            indptr=diff.indptr.astype(np.int64),
+            shape=np.array(x.shape),
+            pcs=p.pcs.astype(np.float32),
+            y=y,
+        )
+        assert np.array_equal(load(out / f"{path.stem}.npz")[0], x), path.stem
+        kb = (out / f"{path.stem}.npz").stat().st_size // 1024
+        print(f"{path.stem}: {x.shape[0]} x {x.shape[1]}, nnz {diff.nnz / x.size:.2f}, {kb} KiB")
+
+
+def _mode_per_gene(x: np.ndarray) -> np.ndarray:
+    """Each gene's most frequent value (what its zeros scaled to; 0 for dense genes)."""
+    base = np.zeros(x.shape[1], dtype=np.float32)
+    for j in range(x.shape[1]):
+        vals, counts = np.unique(x[:, j], return_counts=True)
+        if counts.max() > 1:
+            base[j] = vals[counts.argmax()]
+    return base
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scaled x, pcs, labels) from a ``prepare`` file, without scipy."""
+    f = np.load(path)
+    n, g = (int(v) for v in f["shape"])
+    x = np.repeat(f["base"][None, :], n, axis=0)
+    indptr, indices, data = f["indptr"], f["indices"], f["data"]
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    x[rows, indices] = data
+    return x, f["pcs"], f["y"].astype(np.int64)
+
+
+def fit_one(x, pcs, k, seed, device, comm=None) -> tuple[np.ndarray, float, int]:
+    from cicl.config import CICLConfig
+    from cicl.train.loop import train
+
+    cfg = CICLConfig().with_overrides({"seed": seed, "train.device": device})
+    t0 = time.perf_counter()
+    res = train(x, pcs, k, cfg, comm=comm)
+    return res.labels, time.perf_counter() - t0, res.steps
+
+
+def dist_check(x, pcs, k, device) -> dict:
+    """Train through TorchDistComm over a one-rank process group (NCCL on a GPU, gloo on the
+    CPU) and compare with the plain run."""
+    import torch.distributed as dist
+    from sklearn.metrics import adjusted_rand_score
+
+    from cicl.comm import TorchDistComm
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        comm = TorchDistComm()
+        lab_d, sec_d, _ = fit_one(x, pcs, k, 0, device, comm)
+    finally:
+        dist.destroy_process_group()
+    lab_p, sec_p, _ = fit_one(x, pcs, k, 0, device)
+    return {
+        "backend": backend,
+        "world": 1,
+        "seconds_dist": round(sec_d, 2),
+        "seconds_plain": round(sec_p, 2),
+        "ari_dist_vs_plain": round(float(adjusted_rand_score(lab_p, lab_d)), 4),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(Path(args.prep).glob("*.npz"), key=lambda p: -np.load(p)["shape"][0])
+    if args.datasets:
+        files = [f for f in files if f.stem in args.datasets.split(",")]
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    extra: dict = {"device": dev_name, "torch": torch.__version__}
+    rows = []
+    t_start = time.perf_counter()
+    for f in files:
+        x, pcs, y = load(f)
+        k = len(np.unique(y))
+        if args.profile == f.stem:
+            _profile(x, pcs, k, args.device, out / "gpu_fit_profile.txt")
+        if args.dist_check and "dist" not in extra and f.stem == args.check_dataset:
+            extra["dist"] = dist_check(x, pcs, k, args.device)
+            print("dist", json.dumps(extra["dist"]), flush=True)
+        for seed in range(args.seeds):
+            if time.perf_counter() - t_start > args.budget_s:
+                extra["stopped_early"] = f"time budget {args.budget_s}s reached at {f.stem}"
+                break
+            lab, sec, steps = fit_one(x, pcs, k, seed, args.device)
+            rows.append(
+                {
+                    "dataset": f.stem,
+                    "n_cells": x.shape[0],
+                    "k": k,
+                    "seed": seed,
+                    "ari": adjusted_rand_score(y, lab),
+                    "nmi": normalized_mutual_info_score(y, lab),
+                    "seconds": sec,
+                    "steps": steps,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+            if args.repeat_check and seed == 0 and "repeat" not in extra:
+                lab2, _, _ = fit_one(x, pcs, k, 0, args.device)
+                extra["repeat"] = {
+                    "dataset": f.stem,
+                    "identical_labels": bool(np.array_equal(lab, lab2)),
+                    "ari_between": round(float(adjusted_rand_score(lab, lab2)), 4),
+                }
+                print("repeat", json.dumps(extra["repeat"]), flush=True)
+        _write(rows, extra, out)
+        if "stopped_early" in extra:
+            break
+
+
+def _profile(x, pcs, k, device, path: Path) -> None:
+    """cProfile of one fit (seed 0): where the wall time goes, top 30 by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fit_one(x, pcs, k, 0, device)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    path.write_text(buf.getvalue())
+    print(buf.getvalue()[:4000], flush=True)
+
+
+def _write(rows: list[dict], extra: dict, out: Path) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "gpu_fit.csv", index=False)
+    (out / "gpu_fit.json").write_text(json.dumps(extra, indent=1))
+    cpu = None
+    qpath = Path(__file__).resolve().parent / "results" / "quality.csv"
+    if qpath.exists():
+        q = pd.read_csv(qpath)
+        cpu = q[q.method == "cicl"].groupby("dataset")[["ari", "seconds"]].mean()
+    g = df.groupby("dataset", sort=False)
+    lines = [
+        f"GPU: {extra['device']}, torch {extra['torch']}; default config, true K, "
+        f"{df.seed.nunique()} seeds; seconds = `train()` (training + K-means rounds).",
+        "",
+        "| dataset (cells) | ARI GPU | NMI GPU | seconds GPU | ARI CPU | seconds CPU (1 thread) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ds, r in g:
+        c = cpu.loc[ds] if cpu is not None and ds in cpu.index else None
+        lines.append(
+            f"| {ds} ({r.n_cells.iloc[0]}) | {r.ari.mean():.3f} ± {np.nan_to_num(r.ari.std()):.3f} "
+            f"| {r.nmi.mean():.3f} ± {np.nan_to_num(r.nmi.std()):.3f} | {r.seconds.mean():.1f} | "
+            + (f"{c.ari:.3f} | {c.seconds:.0f} |" if c is not None else "— | — |")
+        )
+    m = g[["ari", "seconds"]].mean()
+    lines.append(f"| mean | **{m.ari.mean():.3f}** | | {m.seconds.sum():.0f} in all | | |")
+    for key in ("repeat", "dist", "stopped_early"):
+        if key in extra:
+            lines.append(f"\n{key}: `{json.dumps(extra[key])}`")
+    (out / "gpu_fit.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--out", default=".gpu_data")
+    r = sub.add_parser("run")
+    r.add_argument("--prep", default=".gpu_data")
+    r.add_argument("--out", default="benchmarks/results")
+    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--datasets", default=None)
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--budget-s", type=float, default=1e9, help="stop starting fits after this")
+    r.add_argument("--dist-check", action="store_true")
+    r.add_argument("--check-dataset", default="pbmc_10x")
+    r.add_argument("--repeat-check", action="store_true")
+    r.add_argument("--profile", default=None, help="cProfile one fit of this dataset first")
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(Path(args.data), Path(args.out))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
