@@ -140,6 +140,7 @@ def write_result(
         "steps": int(res.steps),
         "seconds": float(seconds),
         "workers": int(workers),
+        "device": res.device,
         "timings": {k: float(v) for k, v in res.timings.items()},
     }
     if model is not None:

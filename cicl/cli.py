@@ -564,6 +564,7 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "epochs": int(info["epochs"]),
         "steps": int(info["steps"]),
         "workers": int(info["workers"]),
+        "device": str(info.get("device", "cpu")),
         **({"silhouette_pca": float(info["silhouette_pca"])} if "silhouette_pca" in info else {}),
     }
 
@@ -577,7 +578,8 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
         + ")",
         f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
-        f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s); "
+        f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s) on "
+        f"{r['device']}; "
         f"total {r['seconds']:.1f} s",
     ]
     if "silhouette_pca" in r:

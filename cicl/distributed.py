@@ -231,6 +231,7 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         encoder_state=dict(np.load(enc)) if enc.exists() else {},
         pca_center=None if meta.get("pca_center") is None else np.asarray(meta["pca_center"]),
         pca_scale=meta.get("pca_scale", 1.0),
+        device=meta.get("device", "cpu"),
     )
 
 
@@ -346,6 +347,7 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "steps": res.steps,
         "pca_center": None if res.pca_center is None else res.pca_center.tolist(),
         "pca_scale": res.pca_scale,
+        "device": res.device,
     }
     tmp = out / ".encoder.tmp.npz"  # the trained encoder, for predicting new cells
     np.savez(tmp, **res.encoder_state)

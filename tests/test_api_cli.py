@@ -81,8 +81,10 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
         assert key in line
     assert line["n_cells"] == 150 and line["n_clusters"] == 3 and line["ari"] > 0.9
     assert "wrote" in cap.err and "ARI" in cap.err
+    assert line["device"] == "cpu" and "1 worker(s) on cpu" in cap.err  # no GPU here
     res = ad.read_h5ad(out)
     assert "cicl" in res.obs and res.uns["cicl"]["params"]["seed"] == 2
+    assert res.uns["cicl"]["device"] == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -45,12 +45,21 @@ class TrainResult:
     encoder_state: dict[str, np.ndarray] = field(default_factory=dict)
     pca_center: np.ndarray | None = None
     pca_scale: float = 1.0
+    device: str = "cpu"  # what trained it (``device_name``), reported in uns and the summary
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """ "cpu", or the CUDA device with its model ("cuda:0 (NVIDIA H100 80GB HBM3)")."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def rng(device: torch.device, seed: int) -> torch.Generator:
@@ -294,6 +303,7 @@ def train(
         encoder_state=encoder_state(model),
         pca_center=pca_center,
         pca_scale=pca_scale,
+        device=device_name(device),
     )
 
 

@@ -30,6 +30,7 @@ from cicl.train.loop import (
     build_model,
     cluster_space,
     contrastive_step,
+    device_name,
     encoder_state,
     load_state,
     make_state,
@@ -259,4 +260,5 @@ def train_stream(
         encoder_state=encoder_state(model),
         pca_center=np.asarray(pca_stats[0], dtype=np.float64),
         pca_scale=p_scale,
+        device=device_name(device),
     )
