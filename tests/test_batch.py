@@ -37,7 +37,7 @@ def test_combat_removes_the_batch_from_the_pca_and_keeps_the_cell_types(baron_tw
     plain = preprocess(a, PreprocessConfig())
     fixed = preprocess(a, PreprocessConfig(batch_key="run"))
     assert fixed.info["batch_key"] == "run" and fixed.info["n_batches"] == 2
-    assert fixed.batch_slope is None  # the map (a copy of X) only when streaming asks for it
+    assert fixed.batch_slope is None  # the map only when asked (streaming, batch-key fits)
     assert "combat(key='run', 2 batches)" in fixed.info["steps"]
     assert any("batch_key='run'" in s for s in fixed.info["steps"])  # HVGs within batches
     sil_batch = [silhouette_score(p.pcs, a.obs["run"]) for p in (plain, fixed)]
@@ -148,3 +148,23 @@ def test_python_api_takes_batch_key(tiny_cfg):
     cicl.fit(a, 3, config=tiny_cfg, batch_key="donor", progress=False)
     assert "combat(key='donor', 2 batches)" in a.uns["cicl"]["preprocess"]["steps"]
     assert a.uns["cicl"]["params"]["preprocess"]["batch_key"] == "donor"
+
+
+def test_combat_map_from_batch_moments_is_exact_on_sparse_input():
+    """The per-batch affine map is recovered from means and variances alone (no dense copy),
+    for sparse input; a gene constant within a batch keeps slope 1."""
+    from cicl.data.preprocess import _affine_per_batch, _batch_moments
+
+    rng = np.random.default_rng(0)
+    dense = sp.random(300, 6, density=0.4, random_state=1, dtype=np.float32).toarray()
+    dense[:, 5] = 0.0  # constant everywhere
+    x = sp.csr_matrix(dense)
+    codes = rng.integers(0, 3, 300)
+    slope, shift = rng.uniform(0.5, 2, (3, 6)), rng.normal(0, 1, (3, 6))
+    after = x.toarray() * slope[codes] + shift[codes]
+    names, s_got, t_got = _affine_per_batch(
+        _batch_moments(x, codes, 3), _batch_moments(after, codes, 3), np.array(["a", "b", "c"])
+    )
+    assert names.tolist() == ["a", "b", "c"]
+    assert np.allclose(s_got[:, :5], slope[:, :5], atol=1e-4) and np.all(s_got[:, 5] == 1)
+    assert np.allclose(t_got, shift, atol=1e-4)

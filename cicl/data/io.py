@@ -78,8 +78,7 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
     if X is None:
         raise InputError("The input has no expression matrix (X is empty). Store counts in X.")
     if adata.isbacked:  # on disk: the dtype here, the values block by block (check_finite)
-        if not np.issubdtype(X.dtype, np.number):
-            raise InputError(f"The expression matrix has non-numeric dtype {X.dtype}.")
+        _check_numeric(X.dtype)
     else:
         check_finite(X)
     if adata.n_obs < min_cells:
@@ -96,11 +95,15 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
             )
 
 
+def _check_numeric(dtype) -> None:
+    if not np.issubdtype(dtype, np.number):
+        raise InputError(f"The expression matrix has non-numeric dtype {dtype}.")
+
+
 def check_finite(X) -> None:
     """Refuse a non-numeric matrix or one with NaN / infinite values (dense or sparse)."""
     v = X.data if sp.issparse(X) else np.asarray(X)
-    if not np.issubdtype(v.dtype, np.number):
-        raise InputError(f"The expression matrix has non-numeric dtype {v.dtype}.")
+    _check_numeric(v.dtype)
     if not np.all(np.isfinite(v)):
         raise InputError(
             "The expression matrix contains NaN or infinite values. Remove or impute them first."

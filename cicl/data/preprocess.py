@@ -156,12 +156,15 @@ def preprocess(
 
     combat_map: tuple = (None, None, None)
     if by_batch:
-        before = sp.csr_matrix(work.X).toarray() if keep_combat_map else None
+        names, codes = np.unique(work.obs["batch"].to_numpy(), return_inverse=True)
+        # ComBat's map follows from each batch's moments: no dense copy of X kept beside its own
+        before = _batch_moments(work.X, codes, len(names)) if keep_combat_map else None
         with np.errstate(divide="ignore", invalid="ignore"):  # its convergence test divides by 0
             sc.pp.combat(work, key="batch")  # per-gene location/scale per batch, empirical Bayes
         steps.append(f"combat(key='{cfg.batch_key}', {n_batches} batches)")
         if before is not None:
-            combat_map = _affine_per_batch(before, np.asarray(work.X), work.obs["batch"].to_numpy())
+            after = _batch_moments(work.X, codes, len(names))
+            combat_map = _affine_per_batch(before, after, names)
     x = work.X.toarray() if sp.issparse(work.X) else np.asarray(work.X)
     x = x.astype(np.float32)
     mu = sd = None
@@ -213,24 +216,30 @@ def batches(adata: ad.AnnData, key: str) -> np.ndarray:
     return col.astype(str).to_numpy()
 
 
+def _batch_moments(X, codes: np.ndarray, n_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch and gene: mean and variance of ``X`` (dense or sparse; float64, no dense copy)."""
+    mean = np.zeros((n_batches, X.shape[1]))
+    var = np.zeros_like(mean)
+    for b in range(n_batches):
+        rows = X[codes == b].astype(np.float64)  # one batch at a time
+        m = np.asarray(rows.mean(0)).ravel()
+        sq = rows.multiply(rows) if sp.issparse(rows) else np.square(rows, dtype=np.float64)
+        mean[b], var[b] = m, np.asarray(sq.mean(0)).ravel() - m**2
+    return mean, var
+
+
 def _affine_per_batch(
-    before: np.ndarray, after: np.ndarray, batch: np.ndarray
+    before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray], names: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch names and, per batch and gene, ``slope``/``shift`` with ``after = slope * before
-    + shift``: ComBat without covariates is exactly this map, so it can be applied to cells it
-    never saw (streamed blocks). A gene constant within a batch keeps slope 1."""
-    names, codes = np.unique(batch, return_inverse=True)
-    slope = np.ones((len(names), before.shape[1]), np.float32)
-    shift = np.zeros_like(slope)
-    for b in range(len(names)):
-        u, v = before[codes == b].astype(np.float64), after[codes == b].astype(np.float64)
-        mu, mv = u.mean(0), v.mean(0)
-        var = ((u - mu) ** 2).mean(0)
-        ok = var > 1e-12
-        cov = ((u - mu) * (v - mv)).mean(0)
-        slope[b] = np.where(ok, cov / np.where(ok, var, 1.0), 1.0)
-        shift[b] = mv - slope[b] * mu
-    return names, slope, shift
+    + shift``: ComBat without covariates is exactly this map (a positive scale and a shift per
+    batch and gene), so it follows from each batch's means and variances before and after, and
+    can be applied to cells it never saw (streamed blocks). A gene constant within a batch
+    keeps slope 1."""
+    (mu, var_u), (mv, var_v) = before, after
+    ok = var_u > 1e-12
+    slope = np.where(ok, np.sqrt(np.maximum(var_v, 0) / np.where(ok, var_u, 1.0)), 1.0)
+    return names, slope.astype(np.float32), (mv - slope * mu).astype(np.float32)
 
 
 def _check_batches(batch, key: str) -> None:
