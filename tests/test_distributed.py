@@ -130,24 +130,9 @@ def test_identity_comm():
 
 
 def _train_two_ranks(comm: TorchDistComm, out: str) -> None:
-    from cicl.config import CICLConfig
     from cicl.train.loop import train
 
-    rng = np.random.default_rng(0)
-    centers = rng.normal(0, 3, (3, 40))
-    lab = np.repeat(np.arange(3), 60)
-    x = (centers[lab] + rng.normal(0, 1, (180, 40))).astype(np.float32)
-    pcs = np.linalg.svd(x - x.mean(0), full_matrices=False)[0][:, :5] * 10
-    cfg = CICLConfig().with_overrides(
-        {
-            "model.encoder": "mlp",
-            "model.embed_dim": 8,
-            "train.epochs": 4,
-            "train.batch_size": 60,
-            "cluster.recluster_every": 2,
-            "cluster.n_init": 2,
-        }
-    )
+    x, pcs, cfg = _tiny_problem(seed=0, per_class=60, genes=40)
     sl = slice(0, 90) if comm.rank == 0 else slice(90, 180)
     rounds: list[dict] = []
     res = train(x[sl], pcs[sl], 3, cfg, comm=comm, on_round=lambda r, ck: rounds.append(ck))
@@ -189,19 +174,21 @@ def test_collectives_hand_back_new_tensors_on_the_callers_device():
         assert got["b"].tolist() == [1]
 
 
-def _tiny_problem():
+def _tiny_problem(seed: int = 1, per_class: int = 40, genes: int = 30):
+    """Three separated blobs, their PCA and a tiny fast config (one batch = a third of them)."""
     from cicl.config import CICLConfig
 
-    rng = np.random.default_rng(1)
-    lab = np.repeat(np.arange(3), 40)
-    x = (rng.normal(0, 3, (3, 30))[lab] + rng.normal(0, 1, (120, 30))).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    lab = np.repeat(np.arange(3), per_class)
+    n = 3 * per_class
+    x = (rng.normal(0, 3, (3, genes))[lab] + rng.normal(0, 1, (n, genes))).astype(np.float32)
     pcs = np.linalg.svd(x - x.mean(0), full_matrices=False)[0][:, :5] * 10
     cfg = CICLConfig().with_overrides(
         {
             "model.encoder": "mlp",
             "model.embed_dim": 8,
             "train.epochs": 4,
-            "train.batch_size": 40,
+            "train.batch_size": per_class,
             "train.device": "cpu",
             "cluster.recluster_every": 2,
             "cluster.n_init": 2,
