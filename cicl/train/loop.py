@@ -55,7 +55,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """ "cpu", or the CUDA device with its model ("cuda:0 (NVIDIA H100 80GB HBM3)")."""
+    """The device as users read it: cpu, or the CUDA device and its model, e.g.
+    cuda:0 (NVIDIA H100 80GB HBM3)."""
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -191,12 +191,11 @@ def train_stream(
                 if done == steps_per_epoch:
                     break
                 loc = perm[j : j + b_local]
+                # loc and pick are drawn on the training device (``rng``), as xb and nbr live
                 pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen, device=gen.device)
-                xn = xb[nbr[loc.to(device), pick.to(device)]]
-                v1 = augment(xb[loc.to(device)], xn, cfg.augment, gen)
+                v1 = augment(xb[loc], xb[nbr[loc, pick]], cfg.augment, gen)
                 pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen, device=gen.device)
-                xn = xb[nbr[loc.to(device), pick.to(device)]]
-                v2 = augment(xb[loc.to(device)], xn, cfg.augment, gen)
+                v2 = augment(xb[loc], xb[nbr[loc, pick]], cfg.augment, gen)
                 gl = torch.from_numpy(idx)[loc.cpu()]
                 pseudo = (lab_all[gl].to(device), conf_all[gl].float().to(device))
                 li, lc = contrastive_step(
