@@ -32,7 +32,6 @@ import numpy as np
 
 def prepare(data: Path, out: Path) -> None:
     import anndata as ad
-    import scipy.sparse as sp
 
     from cicl.config import PreprocessConfig
     from cicl.data.preprocess import preprocess
@@ -43,24 +42,23 @@ def prepare(data: Path, out: Path) -> None:
         p = preprocess(a, PreprocessConfig())
         x = p.x.astype(np.float32)
         base = _mode_per_gene(x)
-        # the cells' own values wherever they differ from the base (stored, not differenced:
-        # base + (x - base) need not round back to x)
-        diff = sp.csr_matrix(np.where(x != base[None, :], x, 0).astype(np.float32))
-        diff.data = x[x != base[None, :]]
+        # CSR of the cells' own values wherever they differ from the base (stored, not
+        # differenced: base + (x - base) need not round back to x)
+        differs = x != base[None, :]
         y = a.obs["cell_type"].astype("category").cat.codes.to_numpy().astype(np.int16)
         np.savez_compressed(
             out / f"{path.stem}.npz",
             base=base,
-            data=diff.data.astype(np.float32),
-            indices=diff.indices.astype(np.int32),
-            indptr=diff.indptr.astype(np.int64),
+            data=x[differs],  # row-major, as CSR orders them
+            indices=np.nonzero(differs)[1].astype(np.int32),
+            indptr=np.r_[0, np.cumsum(differs.sum(1))].astype(np.int64),
             shape=np.array(x.shape),
             pcs=p.pcs.astype(np.float32),
             y=y,
         )
         assert np.array_equal(load(out / f"{path.stem}.npz")[0], x), path.stem
         kb = (out / f"{path.stem}.npz").stat().st_size // 1024
-        print(f"{path.stem}: {x.shape[0]} x {x.shape[1]}, nnz {diff.nnz / x.size:.2f}, {kb} KiB")
+        print(f"{path.stem}: {x.shape[0]} x {x.shape[1]}, stored {differs.mean():.2f}, {kb} KiB")
 
 
 def _mode_per_gene(x: np.ndarray) -> np.ndarray:

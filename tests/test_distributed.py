@@ -163,8 +163,10 @@ def _comm_devices(comm: TorchDistComm, out: str) -> None:
 
 
 def test_collectives_hand_back_new_tensors_on_the_callers_device():
-    """Collectives run on the backend's device (NCCL: CUDA) and return on the caller's, never
-    writing into the input: train() passes CPU counts and RNG draws next to device tensors."""
+    """Collectives return new tensors (values, dtypes, bool masks) on the caller's device and
+    never write into the input. On gloo every tensor is a CPU one; the CUDA side (NCCL, CPU
+    counts and RNG draws moved over and back) is checked on a GPU by
+    ``benchmarks/gpu_fit.py --dist-check``."""
     out = _spawn("_comm_devices")
     for r in (0, 1):
         got = torch.load(os.path.join(out, f"r{r}.pt"))
