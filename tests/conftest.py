@@ -8,7 +8,39 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest-xdist workers: share the cores between them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+# Modules whose tests start Ray (a local instance, a 2-node cluster, sweeps in subprocesses):
+# under xdist they run one after another in one worker, never two Ray instances at once
+# (`ray stop` in one would kill the other's).
+RAY_MODULES = {"test_cluster", "test_ray_train", "test_tune"}
+
+
+def _scope(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "ray" if Path(module).stem in RAY_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with the Ray modules as one scope; every other module is its own,
+    so module fixtures are built once. (xdist's ``loadgroup`` marks do not reach the
+    scheduler under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return RayTogether(config, log) if config.getvalue("dist") == "loadscope" else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Ray tests first: they are the longest chain, so they start at once."""
+    items.sort(key=lambda item: _scope(item.nodeid) != "ray")  # stable sort
+
 
 DATA = Path(
     os.environ.get("CICL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -22,8 +54,9 @@ def data_dir() -> Path:
     return DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_cfg():
+    """A small, fast model and schedule (configs are frozen, so one instance is shared)."""
     from cicl.config import CICLConfig
 
     return CICLConfig().with_overrides(

@@ -148,8 +148,10 @@ def test_tune_job_on_a_local_two_node_cluster(data_dir, tmp_path):
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+        # one trial: sweeps of several trials are checked on local Ray (test_tune.py); here
+        # what is checked is the job, the remote MLflow server and ranks on two nodes
         entry = (
-            f"{sys.executable} -m cicl.cli tune {data_dir / 'biase.h5ad'} --trials 2 "
+            f"{sys.executable} -m cicl.cli tune {data_dir / 'biase.h5ad'} --trials 1 "
             f"--space small --label-key cell_type --address auto --experiment cluster-job "
             f"--mlflow-uri http://127.0.0.1:{mlf} --root {tmp_path / 'shared'} "
             "--workers-per-trial 2 --cpus-per-worker 1 --no-asha"
@@ -171,13 +173,13 @@ def test_tune_job_on_a_local_two_node_cluster(data_dir, tmp_path):
         exp = mc.get_experiment_by_name("cluster-job")
         runs = mc.search_runs([exp.experiment_id])
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(runs) == 3 and len(children) == 2
+        assert len(runs) == 2 and len(children) == 1
         assert all(r.info.status == "FINISHED" for r in runs)
         assert all("final_objective" in r.data.metrics for r in children)
         assert {a.path for a in mc.list_artifacts(children[0].info.run_id)} >= {"labels.csv"}
         shard_dirs = list((tmp_path / "shared").rglob("trial_id=*/shards"))
-        assert len(shard_dirs) == 2
-        for d in shard_dirs:  # each trial's ranks ran on both nodes
+        assert len(shard_dirs) == 1
+        for d in shard_dirs:  # the trial's two ranks ran on different nodes
             assert len({(d / f"node_rank{r}.txt").read_text() for r in (0, 1)}) == 2
     finally:
         if server is not None:

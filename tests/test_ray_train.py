@@ -37,16 +37,26 @@ def _cfg(tiny_cfg):
     return tiny_cfg.with_overrides({"train.epochs": 6, "train.batch_size": 128})
 
 
-def test_two_workers_on_real_data(pollen, local_ray, tiny_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def clean(pollen, local_ray, tiny_cfg, tmp_path_factory):
+    """One uninterrupted 2-worker run on pollen (and its storage folder), shared by the test
+    that checks it and the one that compares a resumed run against it."""
+    x, pcs, y = pollen
+    storage = tmp_path_factory.mktemp("clean")
+    res = fit_ray(x, pcs, len(set(y)), _cfg(tiny_cfg), RayOptions(workers=2, storage=str(storage)))
+    return res, storage
+
+
+def test_two_workers_on_real_data(pollen, clean):
     x, pcs, y = pollen
     k = len(set(y))
-    res = fit_ray(x, pcs, k, _cfg(tiny_cfg), RayOptions(workers=2, storage=str(tmp_path)))
+    res, storage = clean
     assert res.labels.shape == (x.shape[0],) and res.embedding.shape[0] == x.shape[0]
     assert len(np.unique(res.labels)) == k
     assert adjusted_rand_score(y, res.labels) > 0.6
     assert res.history and res.history[-1]["epoch"] == 6
     # per-round checkpoints reported through ray.train.report, the last two kept
-    ckpts = sorted((tmp_path).glob("*/checkpoint_epoch=*"))
+    ckpts = sorted(storage.glob("*/checkpoint_epoch=*"))
     assert ckpts[-1].name.endswith("00006") and len(ckpts) == 2
     import torch
 
@@ -54,13 +64,13 @@ def test_two_workers_on_real_data(pollen, local_ray, tiny_cfg, tmp_path):
     assert state["epoch"] == 6 and state["rng_aug"].shape[0] == 2
 
 
-def test_lost_worker_resumes_to_the_same_labels(pollen, local_ray, tiny_cfg, tmp_path):
+def test_lost_worker_resumes_to_the_same_labels(pollen, clean, tiny_cfg, tmp_path):
     """Rank 1 dies after the epoch-2 checkpoint; FailureConfig restarts the group from it and
     the restored RNG states give exactly the labels of an uninterrupted run."""
     x, pcs, y = pollen
     k = len(set(y))
     cfg = _cfg(tiny_cfg)
-    clean = fit_ray(x, pcs, k, cfg, RayOptions(workers=2, storage=str(tmp_path), name="clean"))
+    clean, _ = clean
     hit = fit_ray(
         x, pcs, k, cfg, RayOptions(workers=2, storage=str(tmp_path), name="hit", fail_at_epoch=2)
     )

@@ -72,12 +72,16 @@ def _n_children(root: Path, experiment: str) -> int:
         return 0
 
 
-def _tune_args(data_dir: Path, root: Path, experiment: str, trials: int = 3) -> list[str]:
+EXP = "s3"
+
+
+def _tune_args(data_dir: Path, root: Path) -> list[str]:
+    """A 3-trial sweep of the small space on biase, one trial at a time."""
     return [
         "tune",
         str(data_dir / "biase.h5ad"),
         "--trials",
-        str(trials),
+        "3",
         "--space",
         "small",
         "--label-key",
@@ -85,27 +89,87 @@ def _tune_args(data_dir: Path, root: Path, experiment: str, trials: int = 3) -> 
         "--root",
         str(root),
         "--experiment",
-        experiment,
+        EXP,
         "--concurrent",
-        "2",
+        "1",
         "--json",
     ]
 
 
+def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """The CLI in its own process group, as a user's terminal would run it."""
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def _wait_for_run(proc: subprocess.Popen, root: Path, finished: bool):
+    """The first trial's MLflow run once it exists (``finished``: once it has FINISHED); the
+    test fails if the driver exits or nothing comes within 10 minutes."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        if not (root / "mlflow.db").exists():
+            continue
+        try:
+            _, _, children = _runs(root, EXP)
+        except Exception:  # noqa: BLE001 - store being created
+            continue
+        done = [r for r in children if r.info.status == "FINISHED" or not finished]
+        if done:
+            return done[0]
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    pytest.fail(f"no trial run before the deadline (rc {proc.returncode}):\n{err[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def sweep(data_dir, tmp_path_factory):
-    """One real 3-trial sweep (CLI, in a subprocess like a user would run it)."""
+    """One real 3-trial sweep run as a user would (the CLI in a subprocess, one trial at a
+    time) that loses its driver and is continued with --resume; the sweep tests read what it
+    leaves. The driver's whole process group is SIGKILLed (the machine running it dies) after
+    the first trial finished and the second has its run. That driver saved Tune's state only
+    at its start (Tune's documented save-period setting), so Tune forgets the second trial and
+    draws a new one on resume: that trial's run must not stay beside the sweep's three (this
+    happened by chance in CI, where Tune's save period grows past 10 s on a slow disk)."""
     root = tmp_path_factory.mktemp("tune")
     out = root / "best.h5ad"
-    cmd = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, root, "s3")]
-    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, out, proc
+    args = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, root), "--out", str(out)]
+    proc = _start(args, {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1000000"})
+    first = _wait_for_run(proc, root, finished=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and _n_children(root, EXP) < 2:
+        time.sleep(1)  # until the second trial has its run
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return root, out, resumed, first
+
+
+def test_killed_sweep_resumes_without_duplicates(sweep):
+    """Three trials, exactly one MLflow child run each; the trial that had finished before the
+    driver died is not rerun; the run of the trial Tune forgot is deleted, and said so."""
+    root, _, resumed, first = sweep
+    c, parents, children = _runs(root, EXP)
+    ids = [r.data.tags["cicl.trial_id"] for r in children]
+    assert len(children) == 3 and len(set(ids)) == 3
+    assert parents[0].info.status == "FINISHED"
+    assert "were deleted from MLflow" in resumed.stderr
+    again = c.get_run(first.info.run_id)
+    assert again.info.status == "FINISHED"
+    assert again.info.end_time == first.info.end_time  # the finished trial was not rerun
 
 
 def test_sweep_leaves_one_parent_and_a_child_per_trial(sweep):
-    root, _, _ = sweep
-    c, parents, children = _runs(root, "s3")
+    root, _, _, _ = sweep
+    c, parents, children = _runs(root, EXP)
     assert len(parents) == 1 and len(children) == 3
     assert parents[0].info.status == "FINISHED"
     # ASHA may stop weak trials at a reclustering round: KILLED, never left RUNNING
@@ -167,7 +231,7 @@ def test_sweep_plots_compare_finished_trials(tmp_path):
 def test_sweep_writes_the_best_labelling(sweep):
     import anndata as ad
 
-    root, out, proc = sweep
+    root, out, proc, _ = sweep
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     a = ad.read_h5ad(out)
     assert a.obs["cicl"].nunique() == summary["best_params"]["cluster.n_clusters"]
@@ -180,7 +244,7 @@ def test_sweep_writes_the_best_labelling(sweep):
     cicl.predict(b, out)
     assert np.array_equal(b.obs["cicl"].to_numpy(), a.obs["cicl"].to_numpy())
     # the best is chosen by the label-free objective, never by ARI
-    c, _, children = _runs(root, "s3")
+    c, _, children = _runs(root, EXP)
     done = [r for r in children if r.info.status == "FINISHED"]
     best = max(done, key=lambda r: r.data.metrics["final_objective"])
     assert abs(best.data.metrics["final_objective"] - summary["best_objective"]) < 1e-9
@@ -202,7 +266,7 @@ def test_sweep_writes_the_best_labelling(sweep):
 def test_cicl_runs_table(sweep, capsys):
     from cicl.cli import main
 
-    root, _, _ = sweep
+    root, _, _, _ = sweep
     assert main(["runs", "--root", str(root)]) == 0
     text = capsys.readouterr().out
     assert "experiment s3: 3 runs" in text
@@ -320,77 +384,24 @@ def test_child_runs_reads_every_page(tmp_path):
     assert {r.info.run_id for r in got} == mine
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
-def test_interrupted_sweep_resumes_without_duplicates(data_dir, tmp_path, how):
-    """Ctrl-C after the first finished trial: exit 130, the --resume hint, no run left
-    RUNNING. SIGKILL of the driver's whole process group (the machine running the driver dies)
-    after the first finished trial, then --resume: 3 trials, exactly one MLflow child run each,
-    the finished trial not rerun (resuming after Ctrl-C, where Tune saved its state on the way
-    out, is the easier case and is not repeated here, to keep `make test` short). The killed
-    driver saves Tune's state only once, at its start, so Tune forgets the second trial (started
-    when the first finished) and draws a new one on resume: that trial's run must not stay
-    beside them (this happened by chance in CI, where Tune's save period grows past 10 s on a
-    slow disk)."""
-    args = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, tmp_path, "rs")]
-    args[args.index("--concurrent") + 1] = "1"
-    env = dict(os.environ)
-    if how == "killed":
-        env["TUNE_GLOBAL_CHECKPOINT_S"] = "1000000"  # Tune's documented save-period setting
-    proc = subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
-    db = tmp_path / "mlflow.db"
-    deadline = time.time() + 600
-    first = None
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(3)
-        if db.exists():
-            try:
-                _, _, children = _runs(tmp_path, "rs")
-            except Exception:  # noqa: BLE001 - store being created
-                continue
-            done = [r for r in children if r.info.status == "FINISHED"]
-            if done:
-                first = done[0]
-                break
-    if first is None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-        pytest.fail(f"no trial finished before the deadline (rc {proc.returncode}):\n{err[-3000:]}")
-    if how == "ctrl-c":
-        os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 130, err[-2000:]
-        assert "--resume" in err
-        _, parents, children = _runs(tmp_path, "rs")
-        assert all(r.info.status != "RUNNING" for r in [*parents, *children])
-        return
-    while time.time() < deadline and _n_children(tmp_path, "rs") < 2:
-        time.sleep(1)  # until the second trial has its run
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    c, parents, children = _runs(tmp_path, "rs")
-    ids = [r.data.tags["cicl.trial_id"] for r in children]
-    assert len(children) == 3 and len(set(ids)) == 3
-    assert parents[0].info.status == "FINISHED"  # children: FINISHED, or KILLED by ASHA
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
-    assert "were deleted from MLflow" in resumed.stderr
-    again = c.get_run(first.info.run_id)
-    assert again.info.end_time == first.info.end_time  # the finished trial was not rerun
+def test_ctrl_c_stops_a_sweep_cleanly(data_dir, tmp_path):
+    """Ctrl-C while the first trial trains: exit 130, the --resume hint, and no run left
+    RUNNING, the interrupted trial's included (resuming is checked on the harder case of a
+    killed driver, the ``sweep`` fixture)."""
+    proc = _start([sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, tmp_path)])
+    _wait_for_run(proc, tmp_path, finished=False)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    _, parents, children = _runs(tmp_path, EXP)
+    assert children and all(r.info.status != "RUNNING" for r in [*parents, *children])
 
 
 def test_sweep_shows_one_progress_bar_not_tune_tables(sweep):
     """The driver shows a bar over trials (with the best final objective), not Ray Tune's
     periodic trial-status tables (those stay available with --tune-tables)."""
-    _, _, proc = sweep
+    _, _, proc, _ = sweep
     assert "trials: 100%" in proc.stderr and "3/3" in proc.stderr
     assert "best_objective=" in proc.stderr
     assert "Trial status" not in proc.stdout + proc.stderr
