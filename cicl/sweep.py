@@ -14,6 +14,7 @@ explicit run id (no global active run shared between trials).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -505,10 +506,11 @@ def run_sweep(
         )
     # Tune prints its experiment box and results path to stdout whatever the verbosity: send
     # them to stderr with the rest of the progress output, so stdout holds only cicl's result
+    # (less one raylet warning about fractional CPUs, see _DropNoise)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
-    with contextlib.redirect_stdout(sys.stderr), _quiet_tune(not opts.tune_tables):
+    with contextlib.redirect_stdout(_DropNoise(sys.stderr)), _quiet_tune(not opts.tune_tables):
         grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < opts.trials:  # Ctrl-C: Tune saved its state
         trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "error": r.error} for r in grid]
@@ -519,6 +521,36 @@ def run_sweep(
             f"trials. Continue it with: cicl tune ... --resume --experiment {experiment}"
         )
     return _finish(grid, setup, space, k_est, experiment, path, opts)
+
+
+class _DropNoise(io.TextIOBase):
+    """The sweep's stdout, sent to ``sink`` (stderr) less one raylet warning: "N PYTHON worker
+    processes have been started ... 4x the maximum expected startup concurrency". Ray prints it
+    when tasks with fractional CPU requests start many worker processes; cicl requests
+    fractional CPUs on purpose (trial drivers share cores with their workers), so on a small
+    machine every sweep repeated it to the user, with nothing for them to do about it."""
+
+    NOISE = ("maximum expected startup concurrency",)
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self._dropped = False  # print() writes the line's "\n" separately: drop it too
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if any(n in s for n in self.NOISE):
+            self._dropped = not s.endswith("\n")
+            return len(s)
+        if self._dropped and s == "\n":
+            self._dropped = False
+            return len(s)
+        self._dropped = False
+        return self.sink.write(s)
+
+    def flush(self) -> None:
+        self.sink.flush()
 
 
 @contextlib.contextmanager

@@ -413,3 +413,25 @@ def test_sweep_shows_one_progress_bar_not_tune_tables(sweep):
     assert "Configuration for experiment" not in proc.stderr  # nor its experiment box
     assert "tensorboard --logdir" not in proc.stderr
     assert "Warning" not in proc.stderr  # no Optuna / matplotlib warnings from the figures
+
+
+def test_sweep_output_drops_only_rays_fractional_cpu_warning():
+    """The raylet's warning that many worker processes started (cicl's fractional CPU requests
+    cause it on small machines) is dropped with its line end; everything else passes as is."""
+    import io
+
+    from cicl.sweep import _DropNoise
+
+    sink = io.StringIO()
+    out = _DropNoise(sink)
+    print("box", file=out)
+    warning = (
+        "(raylet) WARNING: 8 PYTHON worker processes have been started on node: abc with "
+        "address: 10.0.0.1, which is 4x the maximum expected startup concurrency (2)."
+    )
+    print(warning, file=out)
+    print("results", file=out)
+    out.write("partial")
+    out.write("\n")
+    out.write("\n")
+    assert sink.getvalue() == "box\nresults\npartial\n\n"
