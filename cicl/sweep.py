@@ -539,6 +539,12 @@ class _DropNoise(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def isatty(self) -> bool:  # what is asked of stdout is answered as the sink would
+        return self.sink.isatty()
+
+    def fileno(self) -> int:
+        return self.sink.fileno()
+
     def write(self, s: str) -> int:
         if any(n in s for n in self.NOISE):
             self._dropped = not s.endswith("\n")

@@ -120,9 +120,9 @@ def _wait_for_run(proc: subprocess.Popen, root: Path, finished: bool):
             _, _, children = _runs(root, EXP)
         except Exception:  # noqa: BLE001 - store being created
             continue
-        done = [r for r in children if r.info.status == "FINISHED" or not finished]
-        if done:
-            return done[0]
+        found = [r for r in children if r.info.status == "FINISHED" or not finished]
+        if found:
+            return found[0]
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
@@ -435,3 +435,9 @@ def test_sweep_output_drops_only_rays_fractional_cpu_warning():
     out.write("\n")
     out.write("\n")
     assert sink.getvalue() == "box\nresults\npartial\n\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _DropNoise(Terminal()).isatty() and not out.isatty()  # asked of the sink
