@@ -24,11 +24,12 @@ fit: $(STAMP)
 	mkdir -p $(OUT)
 	$(VENV)/bin/cicl fit $(DATA)/pollen.h5ad --out $(OUT)/pollen_cicl.h5ad --label-key cell_type --plot $(OUT)/pollen_cicl.png --mlflow --force
 
-# two pytest-xdist workers: the Ray tests one after another in one, the rest beside them
+# two pytest-xdist workers: the Ray tests one after another in one, the rest beside them;
+# a crashed worker ends the run (failed) instead of rerunning its tests on a fresh one
 test: $(STAMP)
 	$(VENV)/bin/ruff check cicl tests benchmarks tune
 	$(VENV)/bin/ruff format --check cicl tests benchmarks tune
-	$(VENV)/bin/python -m pytest -m "not benchmark" -q -n 2 --dist loadscope --no-loadscope-reorder
+	$(VENV)/bin/python -m pytest -m "not benchmark" -q -n 2 --dist loadscope --no-loadscope-reorder --max-worker-restart=0
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -m benchmark -q
