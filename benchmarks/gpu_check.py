@@ -1,7 +1,7 @@
 """GPU check: the pure-torch CICL training step at atlas scale (no Ray, no AnnData needed).
 
 Generates a clustered synthetic atlas directly on the device (``--cells`` x ``--genes``),
-then times the real training step (``cicl.train.loop.contrastive_step``: two augmented views,
+then times the real training step (``cicl.train.loop.train_step``: two augmented views,
 encoder + projection, cluster-aware + instance loss, AdamW) with bf16 autocast and TF32, and
 reports: training cells/s, the step split (encoder forward+backward, loss forward+backward,
 the rest), encoder FLOP/s and MFU (FLOPs counted by ``torch.utils.flop_counter``), embedding
@@ -73,11 +73,11 @@ def main() -> None:
 
     from cicl.cluster.kmeans import lloyd
     from cicl.comm import Comm
-    from cicl.config import CICLConfig
+    from cicl.config import preset
     from cicl.model.augment import augment
     from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
     from cicl.model.modules import balanced_gene_groups
-    from cicl.train.loop import build_model, contrastive_step, gene_loadings
+    from cicl.train.loop import build_model, gene_loadings, train_step
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -86,7 +86,7 @@ def main() -> None:
     over = {"model.encoder": args.encoder, "train.batch_size": args.batch}
     if args.d_model:
         over["model.d_model"] = args.d_model
-    cfg = CICLConfig().with_overrides(over)
+    cfg = preset("contrastive").with_overrides(over)  # the two-view contrastive step
     now = timer(device)
 
     t = now()
@@ -123,7 +123,7 @@ def main() -> None:
         idx = batch_idx()
         v1, v2 = views(idx)
         with amp:
-            contrastive_step(net, opt, v1, v2, (labels[idx], conf[idx]), cfg, Comm())
+            train_step(net, opt, v1, v2, (labels[idx], conf[idx]), cfg, Comm())
     t_step = (now() - t) / args.steps
 
     # encoder forward + backward alone (same batch shape: 2 views)

@@ -46,6 +46,14 @@ def prepare(data: Path, out: Path) -> None:
         # differenced: base + (x - base) need not round back to x)
         differs = x != base[None, :]
         y = a.obs["cell_type"].astype("category").cat.codes.to_numpy().astype(np.int16)
+        extra = {}
+        if p.counts is not None:  # the negative binomial decoder's target, as CSR
+            nz = p.counts != 0
+            extra = {
+                "c_data": p.counts[nz],
+                "c_indices": np.nonzero(nz)[1].astype(np.int32),
+                "c_indptr": np.r_[0, np.cumsum(nz.sum(1))].astype(np.int64),
+            }
         np.savez_compressed(
             out / f"{path.stem}.npz",
             base=base,
@@ -55,8 +63,12 @@ def prepare(data: Path, out: Path) -> None:
             shape=np.array(x.shape),
             pcs=p.pcs.astype(np.float32),
             y=y,
+            **extra,
         )
-        assert np.array_equal(load(out / f"{path.stem}.npz")[0], x), path.stem
+        back = load(out / f"{path.stem}.npz")
+        assert np.array_equal(back[0], x), path.stem
+        assert (back[3] is None) == (p.counts is None), path.stem
+        assert p.counts is None or np.array_equal(back[3], p.counts), path.stem
         kb = (out / f"{path.stem}.npz").stat().st_size // 1024
         print(f"{path.stem}: {x.shape[0]} x {x.shape[1]}, stored {differs.mean():.2f}, {kb} KiB")
 
@@ -71,28 +83,32 @@ def _mode_per_gene(x: np.ndarray) -> np.ndarray:
     return base
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scaled x, pcs, labels) from a ``prepare`` file, without scipy."""
+def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(scaled x, pcs, labels, raw counts or None) from a ``prepare`` file, without scipy."""
     f = np.load(path)
     n, g = (int(v) for v in f["shape"])
     x = np.repeat(f["base"][None, :], n, axis=0)
     indptr, indices, data = f["indptr"], f["indices"], f["data"]
     rows = np.repeat(np.arange(n), np.diff(indptr))
     x[rows, indices] = data
-    return x, f["pcs"], f["y"].astype(np.int64)
+    counts = None
+    if "c_data" in f.files:
+        counts = np.zeros((n, g), dtype=np.float32)
+        counts[np.repeat(np.arange(n), np.diff(f["c_indptr"])), f["c_indices"]] = f["c_data"]
+    return x, f["pcs"], f["y"].astype(np.int64), counts
 
 
-def fit_one(x, pcs, k, seed, device, comm=None) -> tuple[np.ndarray, float, int]:
+def fit_one(x, pcs, k, seed, device, comm=None, counts=None) -> tuple[np.ndarray, float, int]:
     from cicl.config import CICLConfig
     from cicl.train.loop import train
 
     cfg = CICLConfig().with_overrides({"seed": seed, "train.device": device})
     t0 = time.perf_counter()
-    res = train(x, pcs, k, cfg, comm=comm)
+    res = train(x, pcs, k, cfg, comm=comm, counts=counts)
     return res.labels, time.perf_counter() - t0, res.steps
 
 
-def dist_check(x, pcs, k, device) -> tuple[dict, tuple[np.ndarray, float, int]]:
+def dist_check(x, pcs, k, device, counts=None) -> tuple[dict, tuple[np.ndarray, float, int]]:
     """Train through TorchDistComm over a one-rank process group (NCCL on a GPU, gloo on the
     CPU) and compare with the plain run."""
     import torch.distributed as dist
@@ -106,10 +122,10 @@ def dist_check(x, pcs, k, device) -> tuple[dict, tuple[np.ndarray, float, int]]:
     dist.init_process_group(backend, rank=0, world_size=1)
     try:
         comm = TorchDistComm()
-        lab_d, sec_d, _ = fit_one(x, pcs, k, 0, device, comm)
+        lab_d, sec_d, _ = fit_one(x, pcs, k, 0, device, comm, counts)
     finally:
         dist.destroy_process_group()
-    plain = fit_one(x, pcs, k, 0, device)
+    plain = fit_one(x, pcs, k, 0, device, counts=counts)
     lab_p, sec_p, _ = plain
     return {
         "backend": backend,
@@ -134,20 +150,22 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     t_start = time.perf_counter()
     for f in files:
-        x, pcs, y = load(f)
+        x, pcs, y, counts = load(f)
         k = len(np.unique(y))
         plain = None
         if args.profile == f.stem:
-            _profile(x, pcs, k, args.device, out / "gpu_fit_profile.txt")
+            _profile(x, pcs, k, args.device, out / "gpu_fit_profile.txt", counts)
         if args.dist_check and "dist" not in extra and f.stem == args.check_dataset:
-            extra["dist"], plain = dist_check(x, pcs, k, args.device)  # plain = seed 0's fit
+            extra["dist"], plain = dist_check(
+                x, pcs, k, args.device, counts
+            )  # plain = seed 0's fit
             print("dist", json.dumps(extra["dist"]), flush=True)
         for seed in range(args.seeds):
             if time.perf_counter() - t_start > args.budget_s:
                 extra["stopped_early"] = f"time budget {args.budget_s}s reached at {f.stem}"
                 break
             fit = plain if seed == 0 and plain is not None else None
-            lab, sec, steps = fit or fit_one(x, pcs, k, seed, args.device)
+            lab, sec, steps = fit or fit_one(x, pcs, k, seed, args.device, counts=counts)
             rows.append(
                 {
                     "dataset": f.stem,
@@ -162,7 +180,7 @@ def run(args: argparse.Namespace) -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
             if args.repeat_check and seed == 0 and "repeat" not in extra:
-                lab2, _, _ = fit_one(x, pcs, k, 0, args.device)
+                lab2, _, _ = fit_one(x, pcs, k, 0, args.device, counts=counts)
                 extra["repeat"] = {
                     "dataset": f.stem,
                     "identical_labels": bool(np.array_equal(lab, lab2)),
@@ -174,7 +192,7 @@ def run(args: argparse.Namespace) -> None:
             break
 
 
-def _profile(x, pcs, k, device, path: Path) -> None:
+def _profile(x, pcs, k, device, path: Path, counts=None) -> None:
     """cProfile of one fit (seed 0): where the wall time goes, top 30 by own time."""
     import cProfile
     import io
@@ -182,7 +200,7 @@ def _profile(x, pcs, k, device, path: Path) -> None:
 
     prof = cProfile.Profile()
     prof.enable()
-    fit_one(x, pcs, k, 0, device)
+    fit_one(x, pcs, k, 0, device, counts=counts)
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)

@@ -23,12 +23,22 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PAPER_ARI = {"yan": 0.7989, "pollen": 0.9117, "young_kidney": 0.6578}
-METHODS = ["cicl", "cicl_est_k", "cicl_reference", "kmeans_pca", "leiden_default", "leiden_at_k"]
+METHODS = [
+    "cicl",
+    "cicl_est_k",
+    "cicl_contrastive",
+    "cicl_reference",
+    "kmeans_pca",
+    "leiden_default",
+    "leiden_at_k",
+]
 # cicl_est_k: `cicl fit` without --n-clusters (K estimated without labels), the label-free
-# counterpart of leiden_default; every other K-based method is given the true K
+# counterpart of leiden_default; cicl_contrastive: the `contrastive` preset (the earlier
+# default); every other K-based method is given the true K
+PRESET_OF = {"cicl_reference": "reference", "cicl_contrastive": "contrastive"}
 
 
-def _prepare(path: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def _prepare(path: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     import anndata as ad
 
     from cicl.config import PreprocessConfig
@@ -37,7 +47,7 @@ def _prepare(path: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     a = ad.read_h5ad(path)
     p = preprocess(a, PreprocessConfig())
     y = a.obs["cell_type"].astype("category").cat.codes.to_numpy()
-    return Path(path).stem, p.x, p.pcs, y
+    return Path(path).stem, p.x, p.pcs, y, p.counts
 
 
 def _job(args: tuple) -> list[dict]:
@@ -46,14 +56,14 @@ def _job(args: tuple) -> list[dict]:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     torch.set_num_threads(1)
-    name, x, pcs, y = _prepare(path)
+    name, x, pcs, y, counts = _prepare(path)
     k = len(np.unique(y))
     t0 = time.perf_counter()
     if method.startswith("cicl"):
         from cicl.config import CICLConfig, preset
         from cicl.train.loop import train
 
-        cfg = preset("reference") if method == "cicl_reference" else CICLConfig()
+        cfg = preset(PRESET_OF[method]) if method in PRESET_OF else CICLConfig()
         cfg = cfg.with_overrides({"seed": seed, "train.device": "cpu"})
         if method == "cicl_est_k":
             from cicl.api import _choose_k
@@ -61,7 +71,7 @@ def _job(args: tuple) -> list[dict]:
             k_fit, _ = _choose_k(cfg, pcs)  # what `cicl fit` does without --n-clusters
         else:
             k_fit = k
-        labels = train(x, pcs, k_fit, cfg).labels
+        labels = train(x, pcs, k_fit, cfg, counts=counts).labels
     else:
         import baselines
 

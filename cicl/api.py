@@ -75,14 +75,15 @@ def fit(
     keep_map = cfg.preprocess.batch_key is not None
     prep = preprocess(adata, cfg.preprocess, layer=layer, keep_combat_map=keep_map)
     k, source = _choose_k(cfg, prep.pcs)
+    check_recon(cfg, prep.counts is not None, prep.info["values"])
     if workers is not None and ray_options is None:
         ray_options = RayOptions(workers=workers)
     if ray_options is not None:
         from cicl.distributed import fit_ray
 
-        res = fit_ray(prep.x, prep.pcs, k, cfg, ray_options, progress=progress)
+        res = fit_ray(prep.x, prep.pcs, k, cfg, ray_options, progress=progress, counts=prep.counts)
     else:
-        res = train(prep.x, prep.pcs, k, cfg, progress=progress)
+        res = train(prep.x, prep.pcs, k, cfg, progress=progress, counts=prep.counts)
     n_workers = ray_options.workers if ray_options is not None else 1
     seconds = time.perf_counter() - t0
     for w in prep.info.get("warnings", []):
@@ -96,6 +97,15 @@ def fit(
     )
     adata.uns[key_added]["silhouette_pca"] = float(sil)
     return adata if copy else None
+
+
+def check_recon(cfg: CICLConfig, has_counts: bool, values: str) -> None:
+    """``loss.recon: nb`` models raw counts: refuse it, with what to do, on other input."""
+    if cfg.loss.recon == "nb" and cfg.loss.recon_weight > 0 and not has_counts:
+        raise InputError(
+            f"loss.recon=nb reconstructs raw counts, but X holds {values} values. Give raw "
+            "counts (e.g. --layer counts) or set loss.recon to auto or gaussian."
+        )
 
 
 def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
@@ -208,6 +218,7 @@ def fit_h5ad_stream(
     if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > n:
         raise InputError(f"--n-clusters {cfg.cluster.n_clusters} exceeds the {n} cells.")
     k, source = _choose_k(cfg, prep.pcs)
+    check_recon(cfg, transform.kind == "counts", prep.info["values"])
     if cfg.cluster.n_clusters is None:
         source += f" of a {prep.x.shape[0]}-cell sample"
     groups, pca_init = model_init(prep.x, prep.pcs, cfg)

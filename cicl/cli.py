@@ -711,6 +711,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         label_key=args.label_key,
         name_hint=Path(args.input).stem,
         model_base=prep_record(prep, base.preprocess.max_value),
+        counts=prep.counts,
     )
     table, _ = runs_table(res.mlflow_uri, res.experiment, None)
     print(table.to_string(index=False), file=sys.stderr)

@@ -62,6 +62,15 @@ def model_init(
     return groups, pca_init
 
 
+def put_shards(
+    x: np.ndarray, pcs: np.ndarray, counts: np.ndarray | None, parts: list[np.ndarray]
+) -> list:
+    """One object-store entry per worker: its cells' (x, pcs, indices, counts or None)."""
+    import ray
+
+    return [ray.put((x[p], pcs[p], p, None if counts is None else counts[p])) for p in parts]
+
+
 def _prepare_run(opts: RayOptions) -> tuple[Path, str, Path]:
     ensure_ray(opts.address)
     storage = Path(opts.storage or "runs/ray").resolve()
@@ -107,15 +116,15 @@ def fit_ray(
     opts: RayOptions,
     *,
     progress: bool = True,
+    counts: np.ndarray | None = None,
 ) -> TrainResult:
-    """Train with ``opts.workers`` Ray Train workers; returns the stitched result."""
-    import ray
-
+    """Train with ``opts.workers`` Ray Train workers; returns the stitched result.
+    ``counts``: the raw counts for the negative binomial decoder (count input)."""
     t0 = time.perf_counter()
     storage, name, out_dir = _prepare_run(opts)
     groups, pca_init = model_init(x, pcs, cfg)
     parts = shard_indices(x.shape[0], opts.workers, cfg.seed)
-    shards = [ray.put((x[p], pcs[p], p)) for p in parts]
+    shards = put_shards(x, pcs, counts, parts)
 
     loop_config = {
         "cfg": cfg,
@@ -291,7 +300,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from cicl.train.loop import train
 
     rank, cfg, restore = _worker_setup(config)
-    x, pcs, idx = ray.get(config["shards"][rank])
+    x, pcs, idx, counts = ray.get(config["shards"][rank])
     hook = None
     if config.get("objective"):  # sweeps: score every round on this rank's cells
         from cicl.objective import score_labels
@@ -319,6 +328,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         restore=restore,
         on_round=on_round,
         round_metrics=hook,
+        counts=counts,
     )
     out = Path(config["out_dir"])
     tmp = out / f".rank{rank}.tmp.npz"

@@ -162,6 +162,7 @@ class SweepSetup:
     # the fitted preprocessing half of a stored model (``reference.prep_record``): with it,
     # each trial logs ``reference.h5ad``, so any trial's model maps new cells
     model_base: dict | None = None
+    counts: np.ndarray | None = None  # raw counts for the negative binomial decoder
 
 
 def _round_logger(uri: str, run_id: str):
@@ -198,7 +199,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cicl.distributed import _collect, model_init, shard_indices
+    from cicl.distributed import _collect, model_init, put_shards, shard_indices
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(setup.base, setup.space, config)
@@ -228,7 +229,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     groups, pca_init = model_init(setup.x, setup.pcs, cfg)
     parts = shard_indices(setup.x.shape[0], setup.workers, cfg.seed)
-    shards = [ray.put((setup.x[p], setup.pcs[p], p)) for p in parts]
+    shards = put_shards(setup.x, setup.pcs, setup.counts, parts)
     truth_shards = None
     if setup.truth is not None:
         truth_shards = [setup.truth[p] for p in parts]
@@ -392,6 +393,7 @@ def run_sweep(
     label_key: str | None = None,
     name_hint: str = "cicl",
     model_base: dict | None = None,
+    counts: np.ndarray | None = None,
 ) -> SweepResult:
     """Run (or ``resume``) a sweep; returns the best trial by the objective. With
     ``model_base`` (``reference.prep_record`` of the preprocessing), every finished trial logs
@@ -464,6 +466,7 @@ def run_sweep(
         label_key=label_key,
         plots=opts.plots,
         model_base=model_base,
+        counts=counts,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": driver_cpu}

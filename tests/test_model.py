@@ -56,8 +56,23 @@ def test_reference_encoder_keeps_gene_width():
     enc = ReferenceEncoder(24, cfg)
     assert enc(torch.randn(3, 24)).shape == (3, 24)
     m = CICLModel(24, cfg)
-    h, z = m(torch.randn(3, 24))
-    assert h.shape == (3, 24) and z.shape == (3, cfg.proj_dim)
+    h, z, rec = m(torch.randn(3, 24))
+    assert h.shape == (3, 24) and z.shape == (3, cfg.proj_dim) and rec is None
+    # a decoder reads the encoder's width (here the gene count), one output per gene
+    _, _, rec = CICLModel(24, cfg, recon="nb").eval()(torch.randn(3, 24))
+    assert rec.shape == (3, 24)
+
+
+def test_default_mlp_encoder_and_decoder_shapes():
+    cfg = ModelConfig()
+    assert cfg.encoder == "mlp" and cfg.batch_norm
+    m = CICLModel(40, cfg, recon="nb")
+    h, z, rec = m(torch.randn(16, 40))
+    assert h.shape == (16, cfg.embed_dim) and rec.shape == (16, 40)
+    assert m.decoder.log_theta.shape == (40,)
+    assert CICLModel(40, cfg, recon="gaussian").decoder.log_theta is None
+    kinds = [type(mod).__name__ for mod in m.encoder.net]
+    assert kinds.count("BatchNorm1d") == 2 and kinds[-1] == "Linear"  # linear embedding
 
 
 def test_augment_is_seeded_and_resampled():

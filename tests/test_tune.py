@@ -208,6 +208,7 @@ def test_sweep_plots_compare_finished_trials(tmp_path):
     trials = [
         {
             "params": {
+                "loss.instance_weight": [0.0, 0.5][i % 2],
                 "loss.temperature": float(rng.uniform(0.2, 1.0)),
                 "augment.type": ["all", "noise+mask"][i % 2],
                 "cluster.n_clusters": 3 + i % 3,

@@ -39,6 +39,9 @@ class Prepared:
     batch_names: np.ndarray | None = None  # (n_batches,)
     batch_slope: np.ndarray | None = None  # (n_batches, n_genes_used)
     batch_shift: np.ndarray | None = None
+    # count input: the raw counts of the genes used (cells kept x genes, float32), what the
+    # negative binomial decoder reconstructs; None for non-count input
+    counts: np.ndarray | None = None
 
 
 def _values(X) -> np.ndarray:
@@ -102,6 +105,8 @@ def preprocess(
     if work.n_obs < 10:
         raise InputError(f"Only {work.n_obs} cells with expression: clustering needs at least 10.")
 
+    raw = work.X.copy() if kind == "counts" else None  # the counts, for the decoder
+    work.var["col"] = np.arange(work.n_vars)  # follows the gene subsetting below
     if kind == "counts":
         sc.pp.normalize_total(work, target_sum=1e4)
         sc.pp.log1p(work)
@@ -165,6 +170,9 @@ def preprocess(
         if before is not None:
             after = _batch_moments(work.X, codes, len(names))
             combat_map = _affine_per_batch(before, after, names)
+    counts = None
+    if raw is not None:
+        counts = raw[:, work.var["col"].to_numpy()].toarray().astype(np.float32)
     x = work.X.toarray() if sp.issparse(work.X) else np.asarray(work.X)
     x = x.astype(np.float32)
     mu = sd = None
@@ -199,6 +207,7 @@ def preprocess(
         batch_names=combat_map[0],
         batch_slope=combat_map[1],
         batch_shift=combat_map[2],
+        counts=counts,
     )
 
 

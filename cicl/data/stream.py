@@ -70,6 +70,15 @@ class BlockTransform:
         pcs = ((x - self.pca_mean) @ self.pca_components).astype(np.float32)
         return x, pcs
 
+    def raw_counts(self, X) -> np.ndarray:
+        """The raw counts of the genes used, in model order (dense float32; genes the model
+        uses that these cells lack are 0): what the negative binomial decoder reconstructs."""
+        X = sp.csr_matrix(X, dtype=np.float32)
+        missing = self.gene_idx < 0
+        c = X[:, np.where(missing, 0, self.gene_idx)].toarray()
+        c[:, missing] = 0.0
+        return c
+
 
 def _read_rows(f: h5py.File, rows: np.ndarray):
     """Rows (sorted) of X, as CSR; contiguous runs read as slices."""
@@ -171,16 +180,26 @@ class H5adSource:
     def __init__(self, path: str | Path, start: int, stop: int, transform: BlockTransform):
         self.path, self.start, self.stop, self.transform = str(path), start, stop, transform
         self.n = stop - start
+        self.has_counts = transform.kind == "counts"
         self._f: h5py.File | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_f": None}
 
-    def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _raw(self, idx: np.ndarray):
         if self._f is None:
             self._f = h5py.File(self.path, "r")
         rows = np.asarray(idx) + self.start
-        return self.transform(_read_rows(self._f, rows), rows)
+        return _read_rows(self._f, rows), rows
+
+    def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X, rows = self._raw(idx)
+        return self.transform(X, rows)
+
+    def read_counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``read`` plus the rows' raw counts of the genes used, from one read of the file."""
+        X, rows = self._raw(idx)
+        return (*self.transform(X, rows), self.transform.raw_counts(X))
 
     def close(self) -> None:
         if self._f is not None:

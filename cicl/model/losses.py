@@ -1,4 +1,5 @@
-"""Contrastive losses on L2-normalised projections ``z1``, ``z2`` (B, D) of two views.
+"""Losses: contrastive terms on L2-normalised projections ``z1``, ``z2`` (B, D) of two views,
+and the reconstruction terms of the decoder head (negative binomial on counts, Gaussian).
 
 ``paper_cluster_loss`` is the cluster-aware loss as printed in arXiv 2312.16600: every
 same-pseudo-label sample in both views is a positive (self excluded) and only different-label
@@ -105,6 +106,30 @@ def code_cluster_loss(
         m = (lab == c) & ok
         total = total + per_anchor[m].mean()
     return total
+
+
+def nb_nll(
+    counts: torch.Tensor, logits: torch.Tensor, library: torch.Tensor, log_theta: torch.Tensor
+) -> torch.Tensor:
+    """Negative binomial negative log-likelihood of ``counts`` (B, G), mean over cells and
+    genes, with mean mu = softmax(logits) * library and per-gene dispersion theta =
+    exp(log_theta) (variance mu + mu^2 / theta)."""
+    mu = torch.softmax(logits, dim=1) * library[:, None]
+    theta = log_theta.exp()
+    log_theta_mu = torch.log(theta + mu + 1e-8)
+    ll = (
+        torch.lgamma(counts + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(counts + 1.0)
+        + theta * (log_theta - log_theta_mu)
+        + counts * (torch.log(mu + 1e-8) - log_theta_mu)
+    )
+    return -ll.mean()
+
+
+def gaussian_nll(x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Squared error of the scaled input (a unit-variance Gaussian), mean over cells and genes."""
+    return F.mse_loss(pred, x)
 
 
 INSTANCE_LOSSES = {"ntxent": ntxent, "code": code_instance_loss}

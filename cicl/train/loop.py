@@ -26,7 +26,7 @@ from cicl.cluster.ward import ward_labels
 from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
-from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
+from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES, gaussian_nll, nb_nll
 from cicl.model.modules import CICLModel, balanced_gene_groups, pca_projection, student_t
 
 
@@ -79,6 +79,53 @@ def auto_epochs(n_cells: int, batch_size: int, epochs: int, min_steps: int, max_
     return max(1, math.ceil(steps / steps_per_epoch))
 
 
+def recon_kind(cfg: CICLConfig, has_counts: bool) -> str | None:
+    """The reconstruction term that trains (``loss.recon``): "nb" on raw counts, "gaussian"
+    on the scaled input, or None. "auto" takes nb when the counts are there."""
+    kind = cfg.loss.recon
+    if kind == "off" or cfg.loss.recon_weight == 0:
+        return None
+    if kind == "auto":
+        return "nb" if has_counts else "gaussian"
+    if kind == "nb" and not has_counts:
+        raise ValueError("loss.recon='nb' needs the raw counts of the genes used")
+    return kind
+
+
+def cluster_pca_weight(cfg: CICLConfig, n_cells: int) -> float:
+    """The hybrid space's PCA-block weight (``cluster.pca_weight``; None: by cell count).
+    The learned embedding is an estimate that needs cells: on the twelve shared sets the PCA
+    geometry clustered better up to about a thousand cells and the learned embedding from a
+    few thousand on, so the PCA block's weight falls from 2 at 1,000 cells to 0.5 at 5,000
+    (log-linear), and stays there."""
+    if cfg.cluster.pca_weight is not None:
+        return float(cfg.cluster.pca_weight)
+    lo, hi, w_lo, w_hi = 1_000, 5_000, 2.0, 0.5
+    t = min(max(math.log(max(n_cells, 1) / lo) / math.log(hi / lo), 0.0), 1.0)
+    return w_lo * (w_hi / w_lo) ** t
+
+
+def final_restarts(cfg: CICLConfig, n_cells: int) -> int:
+    """Restarts of the final K-means (``cluster.final_n_init``; None: about 200,000
+    cell-restarts, between ``cluster.n_init`` and 100). Restarts are cheap on small sets, where
+    K-means' local optima differ most."""
+    if cfg.cluster.final_n_init is not None:
+        return cfg.cluster.final_n_init
+    return int(min(100, max(cfg.cluster.n_init, 200_000 // max(n_cells, 1))))
+
+
+@torch.no_grad()
+def sync_norm_stats(model: torch.nn.Module, comm: Comm) -> None:
+    """Average the BatchNorm running statistics over ranks, so every rank embeds its cells
+    with the same normalisation (DDP syncs gradients, not buffers). A no-op in one process."""
+    if comm.world == 1:
+        return
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+            mod.running_mean.copy_(comm.sum(mod.running_mean) / comm.world)
+            mod.running_var.copy_(comm.sum(mod.running_var) / comm.world)
+
+
 def knn_indices(pcs: np.ndarray, k: int) -> np.ndarray:
     """k nearest neighbours (self excluded) in PCA space, for neighbour-mixing augmentation."""
     k = min(k, pcs.shape[0] - 1)
@@ -118,10 +165,13 @@ def train(
     pca_init: tuple[np.ndarray, np.ndarray] | None = None,
     restore: dict | None = None,
     round_metrics: Callable[[np.ndarray, Callable[[], np.ndarray]], dict] | None = None,
+    counts: np.ndarray | None = None,
 ) -> TrainResult:
     """Train CICL on this process' cells and cluster them.
 
-    In one process ``x`` (cells x genes, scaled) and ``pcs`` hold every cell. Under
+    In one process ``x`` (cells x genes, scaled) and ``pcs`` hold every cell; ``counts`` (the
+    same cells x genes, raw counts; None for non-count input) is what the negative binomial
+    decoder reconstructs. Under
     ``torch.distributed`` (Ray Train workers, torchrun) they hold this rank's shard; ``comm``
     makes the contrastive loss see the global batch (projections gathered with gradients), DDP
     averages gradients, and K-means runs across shards, so the objective is the one-process one.
@@ -148,8 +198,19 @@ def train(
         groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
     if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual and pca_init is None:
         pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
-    model, net, opt = build_model(x.shape[1], cfg, groups, pca_init, device, comm)
+    recon = recon_kind(cfg, counts is not None)
+    model, net, opt = build_model(x.shape[1], cfg, groups, pca_init, device, comm, recon)
     nbr = torch.from_numpy(knn_indices(pcs, cfg.augment.n_neighbors)).to(device)
+    ct = lib = None
+    if recon == "nb":
+        ct = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32)).to(device)
+        lib = ct.sum(1)
+
+    def target(idx: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """What the decoder reconstructs for these cells: (counts, library) or (scaled x,)."""
+        if recon == "nb":
+            return ct[idx], lib[idx]
+        return (xt[idx],) if recon == "gaussian" else None
 
     bs = min(cfg.train.batch_size, n)
     epochs = cfg.train.epochs or auto_epochs(
@@ -176,17 +237,17 @@ def train(
     pca_block = pca_center = None
     pca_scale = 1.0
     if cfg.cluster.space == "hybrid":
-        pca_center, pca_scale = _pca_stats(pcs, cfg.cluster.pca_weight, comm)
+        pca_center, pca_scale = _pca_stats(pcs, cluster_pca_weight(cfg, n), comm)
         pca_block = torch.from_numpy(_pca_part(pcs, pca_center, pca_scale)).to(device)
 
     def space(h: torch.Tensor) -> torch.Tensor:
         return cluster_space(h, pca_block, cfg.cluster.space)
 
-    def cluster(h: torch.Tensor) -> KMeansResult:
+    def cluster(h: torch.Tensor, n_init: int = cfg.cluster.n_init) -> KMeansResult:
         return kmeans(
             h,
             n_clusters,
-            n_init=cfg.cluster.n_init,
+            n_init=n_init,
             max_iter=cfg.cluster.max_iter,
             seed=cfg.seed,
             comm=comm,
@@ -201,10 +262,12 @@ def train(
         (argmax = nearest centroid; the max probability is the confidence). ``h``: the round's
         eval-mode embedding when already computed (train mode draws a fresh one)."""
         if h is None or pl_train:
+            sync_norm_stats(model, comm)
             h = space(embed(model, xt, train_mode=pl_train))
         return student_t(h, res.centroids, cfg.cluster.alpha).max(1)
 
     def recluster(prev: KMeansResult | None) -> tuple[KMeansResult, torch.Tensor]:
+        sync_norm_stats(model, comm)
         h = space(embed(model, xt, train_mode=pl_train))
         res = cluster(h)
         if prev is not None:  # warm start from the previous round, keep whichever fits better
@@ -228,7 +291,7 @@ def train(
         model.train()
         perm = torch.randperm(n_local, generator=gen, device=gen.device)
         use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
-        tot = inst_tot = clu_tot = 0.0
+        tot = inst_tot = clu_tot = rec_tot = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * b_local : (i + 1) * b_local]
             if static is not None:
@@ -238,11 +301,12 @@ def train(
                 v1 = augment(xb, nbr_rows(idx), cfg.augment, gen)
                 v2 = augment(xb, nbr_rows(idx), cfg.augment, gen)
             lab = (lab_all[idx], conf_all[idx]) if use_cluster else None
-            li, lc = contrastive_step(net, opt, v1, v2, lab, cfg, comm)
+            li, lc, lr = train_step(net, opt, v1, v2, lab, cfg, comm, target(idx))
             steps += 1
-            tot += li + cfg.loss.lam * lc
+            tot += total_loss(cfg, li, lc, lr)
             inst_tot += li
             clu_tot += lc
+            rec_tot += lr
         nb = max(steps_per_epoch, 1)
         every = cfg.cluster.recluster_every
         if every is None and use_cluster:
@@ -259,6 +323,7 @@ def train(
                 "loss": tot / nb,
                 "instance_loss": inst_tot / nb,
                 "cluster_loss": clu_tot / nb,
+                "recon_loss": rec_tot / nb,
                 "inertia": km.inertia,
                 # permutation-invariant: K-means restarts renumber clusters (this rank's cells)
                 "label_change": 1.0
@@ -270,7 +335,7 @@ def train(
                     round_metrics(
                         lab_all.cpu().numpy(), lambda: space(embed(model, xt)).cpu().numpy()
                     )
-                )
+                )  # the round's stats are synced: recluster or pseudo_labels ran just before
             prev_labels = lab_all.clone()
             history.append(rec)
             if on_round is not None:
@@ -281,9 +346,10 @@ def train(
     if bar is not None:
         bar.close()
 
+    sync_norm_stats(model, comm)
     h = space(embed(model, xt))
     if cfg.cluster.final == "kmeans":
-        final = cluster(h)
+        final = cluster(h, final_restarts(cfg, n))
         labels, cents = final.labels, final.centroids
     elif cfg.cluster.final == "ward":
         if comm.world > 1:
@@ -408,10 +474,12 @@ def build_model(
     pca_init: tuple[np.ndarray, np.ndarray] | None,
     device: torch.device,
     comm: Comm,
+    recon: str | None = None,
 ) -> tuple[CICLModel, torch.nn.Module, torch.optim.Optimizer]:
-    """The model, what to call for training steps (DDP-wrapped across ranks), its optimiser.
-    Seed torch before calling: every rank must start from the same weights."""
-    model = CICLModel(n_genes, cfg.model, groups, pca_init).to(device)
+    """The model (with a decoder for ``recon``), what to call for training steps (DDP-wrapped
+    across ranks), its optimiser. Seed torch before calling: every rank must start from the
+    same weights."""
+    model = CICLModel(n_genes, cfg.model, groups, pca_init, recon).to(device)
     net: torch.nn.Module = model
     if comm.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -424,7 +492,22 @@ def build_model(
     return model, net, opt
 
 
-def contrastive_step(
+def total_loss(cfg: CICLConfig, instance: float, cluster: float, recon: float) -> float:
+    """The weighted objective from its parts (as ``train_step`` returns them)."""
+    lo = cfg.loss
+    return lo.recon_weight * recon + lo.instance_weight * instance + lo.lam * cluster
+
+
+def recon_loss(decoder: torch.nn.Module, out: torch.Tensor, target: tuple) -> torch.Tensor:
+    """The decoder's loss on its output for these cells: negative binomial on (counts,
+    library), or squared error on (scaled x,)."""
+    if decoder.kind == "nb":
+        counts, library = target
+        return nb_nll(counts, out, library, decoder.log_theta)
+    return gaussian_nll(target[0], out)
+
+
+def train_step(
     net: torch.nn.Module,
     opt: torch.optim.Optimizer,
     v1: torch.Tensor,
@@ -432,29 +515,44 @@ def contrastive_step(
     pseudo: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: CICLConfig,
     comm: Comm,
-) -> tuple[float, float]:
-    """One optimiser step on this rank's two views; the loss is over the global batch:
-    projections of all ranks are gathered with gradients, so N ranks optimise what one process
-    would. ``pseudo`` = (labels, confidences) of these cells, or None before warm-up ends.
-    Returns (instance loss, cluster loss)."""
+    target: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[float, float, float]:
+    """One optimiser step on this rank's cells. The decoder reconstructs ``target`` (the
+    cells' counts and library sizes, or their clean scaled profile) from the embedding of
+    their augmented view(s): a denoising objective. The contrastive terms see both views and
+    are over the global batch: projections of all ranks are gathered with gradients, so N
+    ranks optimise what one process would. ``pseudo`` = (labels, confidences) of these cells,
+    or None before warm-up ends. Only the views a term needs are encoded: without a
+    contrastive term this step, one view. Returns (instance, cluster, reconstruction) losses."""
     b = v1.shape[0]
-    _, z = net(torch.cat([v1, v2]))
-    z1, z2 = comm.gather_grad(z[:b]), comm.gather_grad(z[b:])
-    tau, kern = cfg.loss.temperature, cfg.loss.kernel
-    loss_i = INSTANCE_LOSSES[cfg.loss.instance_loss](z1, z2, tau, kern)
-    loss, lc = loss_i, 0.0
-    if pseudo is not None:
-        labels, conf = pseudo
-        valid = comm.gather(conf >= cfg.loss.confidence)
-        loss_c = CLUSTER_LOSSES[cfg.loss.cluster_loss](
-            z1, z2, comm.gather(labels), tau, valid, kern
-        )
-        loss = loss + cfg.loss.lam * loss_c
-        lc = loss_c.item()
+    lo = cfg.loss
+    two = lo.instance_weight > 0 or pseudo is not None
+    _, z, rec = net(torch.cat([v1, v2]) if two else v1)
+    model = net.module if hasattr(net, "module") else net
+    loss = z.sum() * 0.0  # keeps the projection head in the graph when it is unused (DDP)
+    li = lc = lr = 0.0
+    if rec is not None and target is not None:
+        tgt = tuple(torch.cat([t, t]) for t in target) if two else target
+        loss_r = recon_loss(model.decoder, rec, tgt)
+        loss = loss + lo.recon_weight * loss_r
+        lr = loss_r.item()
+    if two:
+        z1, z2 = comm.gather_grad(z[:b]), comm.gather_grad(z[b:])
+        tau, kern = lo.temperature, lo.kernel
+        if lo.instance_weight > 0:
+            loss_i = INSTANCE_LOSSES[lo.instance_loss](z1, z2, tau, kern)
+            loss = loss + lo.instance_weight * loss_i
+            li = loss_i.item()
+        if pseudo is not None:
+            labels, conf = pseudo
+            valid = comm.gather(conf >= lo.confidence)
+            loss_c = CLUSTER_LOSSES[lo.cluster_loss](z1, z2, comm.gather(labels), tau, valid, kern)
+            loss = loss + lo.lam * loss_c
+            lc = loss_c.item()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss_i.item(), lc
+    return li, lc, lr
 
 
 def _pca_stats(pcs: np.ndarray, weight: float, comm: Comm) -> tuple[np.ndarray, float]:

@@ -28,22 +28,32 @@ from cicl.train.loop import (
     _progress,
     auto_epochs,
     build_model,
+    cluster_pca_weight,
     cluster_space,
-    contrastive_step,
     device_name,
     encoder_state,
+    final_restarts,
     load_state,
     make_state,
+    recon_kind,
     resolve_device,
     rng,
+    sync_norm_stats,
+    total_loss,
+    train_step,
 )
 
 
 class Source(Protocol):
     n: int  # this rank's cells
+    has_counts: bool  # whether ``read_counts`` gives the raw counts (count input)
 
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(x, pcs) float32 for the sorted local cell indices ``idx``."""
+        ...
+
+    def read_counts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, pcs, raw counts of the genes used) float32, from one read of the rows."""
         ...
 
 
@@ -91,7 +101,8 @@ def train_stream(
     gen = rng(device, cfg.seed + comm.rank)
     n_local = source.n
     n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
-    model, net, opt = build_model(n_genes, cfg, groups, pca_init, device, comm)
+    recon = recon_kind(cfg, source.has_counts)
+    model, net, opt = build_model(n_genes, cfg, groups, pca_init, device, comm, recon)
     bs = min(cfg.train.batch_size, n)
     b_local = max(1, bs // comm.world)
     epochs = cfg.train.epochs or auto_epochs(
@@ -102,7 +113,7 @@ def train_stream(
         steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
     p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=device)
-    p_scale = cfg.cluster.pca_weight / float(pca_stats[1])
+    p_scale = cluster_pca_weight(cfg, n) / float(pca_stats[1])
     block = max(cfg.train.block_size, b_local)
 
     timings = {"read": 0.0, "train": 0.0, "kmeans": 0.0, "assign": 0.0}
@@ -133,6 +144,7 @@ def train_stream(
     pl_train = cfg.cluster.pseudo_label_mode == "train"
 
     def sample_space() -> torch.Tensor:
+        sync_norm_stats(model, comm)
         parts = [
             space(*load(sample_idx[i : i + block]), pl_train)
             for i in range(0, len(sample_idx), block)
@@ -157,6 +169,7 @@ def train_stream(
 
     def assign_all(res: KMeansResult) -> None:
         t = time.perf_counter()
+        sync_norm_stats(model, comm)
         for idx in _blocks(n_local, block, None):
             q = student_t(space(*load(idx), pl_train), res.centroids, cfg.cluster.alpha)
             c, lab = q.max(1)
@@ -176,7 +189,7 @@ def train_stream(
     for epoch in range(start_epoch, epochs + 1):
         model.train()
         use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
-        done, tot, inst, clu = 0, 0.0, 0.0, 0.0
+        done, tot, inst, clu, rec_sum = 0, 0.0, 0.0, 0.0, 0.0
         t_epoch = time.perf_counter()
         blocks = _blocks(n_local, block, gen)
         while done < steps_per_epoch:
@@ -184,7 +197,15 @@ def train_stream(
             if idx is None:  # this rank ran out of cells before the slowest: start over
                 blocks = _blocks(n_local, block, gen)
                 continue
-            xb, pb = load(idx)
+            if recon == "nb":
+                t = time.perf_counter()
+                x_np, p_np, c_np = source.read_counts(idx)
+                xb, pb = torch.from_numpy(x_np).to(device), torch.from_numpy(p_np).to(device)
+                cb = torch.from_numpy(c_np).to(device)
+                lib_b = cb.sum(1)
+                timings["read"] += time.perf_counter() - t
+            else:
+                xb, pb = load(idx)
             nbr = block_knn(pb, cfg.augment.n_neighbors)
             perm = torch.randperm(len(idx), generator=gen, device=gen.device)
             for j in range(0, len(idx) - b_local + 1, b_local):
@@ -198,12 +219,18 @@ def train_stream(
                 v2 = augment(xb[loc], xb[nbr[loc, pick]], cfg.augment, gen)
                 gl = torch.from_numpy(idx)[loc.cpu()]
                 pseudo = (lab_all[gl].to(device), conf_all[gl].float().to(device))
-                li, lc = contrastive_step(
-                    net, opt, v1, v2, pseudo if use_cluster else None, cfg, comm
+                target = None
+                if recon == "nb":
+                    target = (cb[loc], lib_b[loc])
+                elif recon == "gaussian":
+                    target = (xb[loc],)
+                li, lc, lr = train_step(
+                    net, opt, v1, v2, pseudo if use_cluster else None, cfg, comm, target
                 )
                 done += 1
                 steps += 1
-                tot, inst, clu = tot + li + cfg.loss.lam * lc, inst + li, clu + lc
+                tot, inst, clu = tot + total_loss(cfg, li, lc, lr), inst + li, clu + lc
+                rec_sum += lr
         timings["train"] += time.perf_counter() - t_epoch
         every = cfg.cluster.recluster_every
         if every is not None and (epoch % every == 0 or epoch == epochs):
@@ -218,6 +245,7 @@ def train_stream(
                 "loss": tot / nb,
                 "instance_loss": inst / nb,
                 "cluster_loss": clu / nb,
+                "recon_loss": rec_sum / nb,
                 "inertia": km.inertia,
                 "label_change": 1.0 - float(adjusted_rand_score(prev.numpy(), lab_all.numpy())),
                 "cluster_active": bool(use_cluster),
@@ -232,7 +260,10 @@ def train_stream(
     if bar is not None:
         bar.close()
 
-    final = recluster(None, cfg.cluster.n_init)  # final labels: K-means on the sample, all assigned
+    n_fit = int(comm.sum(torch.tensor(len(sample_idx), dtype=torch.long)))
+    final = recluster(
+        None, final_restarts(cfg, n_fit)
+    )  # final labels: K-means on the sample, all assigned
     t_final = time.perf_counter()
     labels_out: list[np.ndarray] = []
     emb_out: list[np.ndarray] = []
