@@ -51,7 +51,7 @@ def _prepare(path: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.nda
 
 
 def _job(args: tuple) -> list[dict]:
-    path, method, seed = args
+    path, method, seed, overrides, name_as = args
     import torch
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -64,7 +64,7 @@ def _job(args: tuple) -> list[dict]:
         from cicl.train.loop import train
 
         cfg = preset(PRESET_OF[method]) if method in PRESET_OF else CICLConfig()
-        cfg = cfg.with_overrides({"seed": seed, "train.device": "cpu"})
+        cfg = cfg.with_overrides({**overrides, "seed": seed, "train.device": "cpu"})
         if method == "cicl_est_k":
             from cicl.api import _choose_k
 
@@ -86,7 +86,7 @@ def _job(args: tuple) -> list[dict]:
             "dataset": name,
             "n_cells": len(y),
             "k": k,
-            "method": method,
+            "method": name_as or method,
             "seed": seed,
             "ari": adjusted_rand_score(y, labels),
             "nmi": normalized_mutual_info_score(y, labels),
@@ -213,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the CICL methods (an ablation); name the rows with --name",
+    )
+    ap.add_argument("--name", default=None, help="method name for the rows of a --set run")
+    ap.add_argument(
         "--merge",
         action="store_true",
         help="keep other methods' rows from an existing quality.csv in --out and "
@@ -226,9 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.datasets.split(","))
         paths = [p for p in paths if p.stem in keep]
     methods = args.methods.split(",")
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    if overrides and not args.name:
+        ap.error("--set needs --name: the rows must not pass for the method's own")
     sizes = {p: ad.read_h5ad(p, backed="r").n_obs for p in paths}
     jobs = [
-        (str(p), m, s)
+        (str(p), m, s, overrides, args.name)
         for p in sorted(paths, key=lambda p: -sizes[p])
         for m in methods
         for s in range(args.seeds)
@@ -245,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     if args.merge and (out / "quality.csv").exists():
         old = pd.read_csv(out / "quality.csv")
-        df = pd.concat([old[~old.method.isin(methods)], df], ignore_index=True)
-        methods = [m for m in METHODS if m in set(df.method)]
+        ran = [args.name] if args.name else methods
+        df = pd.concat([old[~old.method.isin(ran)], df], ignore_index=True)
+        extra = sorted(set(df.method) - set(METHODS))  # ablation rows (--set/--name)
+        methods = [m for m in METHODS if m in set(df.method)] + extra
+    elif args.name:
+        methods = [args.name]
     df = df.sort_values(["dataset", "method", "seed"])
     df.to_csv(out / "quality.csv", index=False)
     md = to_markdown(df, methods)

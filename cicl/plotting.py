@@ -44,8 +44,8 @@ def plot_fit(
     ax = axes[-1]
     if hist and "epoch" in hist:
         ep = np.asarray(hist["epoch"])
-        for name in ("loss", "instance_loss", "cluster_loss"):
-            if name in hist:
+        for name in ("loss", "recon_loss", "instance_loss", "cluster_loss"):
+            if name in hist and (name == "loss" or np.any(np.asarray(hist[name]) != 0)):
                 ax.plot(ep, hist[name], marker="o", ms=3, label=name)
         ax2 = ax.twinx()
         ax2.plot(ep, hist["label_change"], color="grey", ls="--", label="labels changed")

@@ -137,8 +137,9 @@ def _train_two_ranks(comm: TorchDistComm, out: str) -> None:
     rounds: list[dict] = []
     res = train(x[sl], pcs[sl], 3, cfg, comm=comm, on_round=lambda r, ck: rounds.append(ck))
     w = next(iter(rounds[-1]["model"].values()))
+    bn = {k: v for k, v in res.encoder_state.items() if "running" in k}  # BatchNorm stats
     torch.save(
-        {"labels": res.labels, "w": w, "steps": res.steps, "rng": rounds[-1]["rng_aug"]},
+        {"labels": res.labels, "w": w, "steps": res.steps, "rng": rounds[-1]["rng_aug"], "bn": bn},
         os.path.join(out, f"r{comm.rank}.pt"),
     )
 
@@ -147,6 +148,9 @@ def test_two_rank_training_keeps_models_in_sync():
     out = _spawn("_train_two_ranks")
     r0, r1 = (torch.load(os.path.join(out, f"r{r}.pt"), weights_only=False) for r in (0, 1))
     assert torch.equal(r0["w"], r1["w"])  # DDP: identical weights after training
+    # BatchNorm's running statistics are each rank's own until averaged: equal, so both ranks
+    # embed (and K-means clusters) their cells with one normalisation
+    assert r0["bn"] and all(np.allclose(r0["bn"][k], r1["bn"][k]) for k in r0["bn"])
     assert r0["steps"] == r1["steps"] == 4 * 3  # 180 cells / global batch 60, 4 epochs
     assert r0["rng"].shape[0] == 2  # every rank's augmentation RNG is checkpointed
     from sklearn.metrics import adjusted_rand_score

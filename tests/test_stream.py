@@ -61,9 +61,12 @@ def test_block_transform_matches_in_memory_preprocessing(sim):
     full = preprocess(ad.read_h5ad(sim), cfg)
     src = H5adSource(sim, 100, 600, t)
     x, pcs = src.read(np.arange(50, 250))
+    x2, pcs2, counts = src.read_counts(np.arange(50, 250))  # one read gives all three
     src.close()
     assert np.allclose(x, full.x[150:350], atol=1e-4)
     assert np.allclose(pcs, full.pcs[150:350], atol=1e-3)
+    assert src.has_counts and np.array_equal(x2, x) and np.array_equal(pcs2, pcs)
+    assert np.array_equal(counts, full.counts[150:350])  # the decoder's target, as in memory
 
 
 def test_cli_fit_stream_single_process(sim, tmp_path):

@@ -216,3 +216,10 @@ def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, syn, m
         write_h5ad_atomic(syn, out)
     assert out.read_bytes() == b"previous good result"
     assert [p.name for p in tmp_path.iterdir()] == ["result.h5ad"]
+
+
+def test_count_decoder_on_non_count_input_is_one_clear_error(tmp_path, capsys, syn):
+    logged = _with(syn, syn.X.log1p())
+    _bad(
+        tmp_path, capsys, logged, "loss.recon=nb reconstructs raw counts", "--set", "loss.recon=nb"
+    )
