@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.datasets import make_blobs
@@ -12,7 +13,7 @@ from cicl.cluster.kmeans import (
     lloyd,
     partial_stats,
 )
-from cicl.cluster.ward import ward_labels, weighted_ward
+from cicl.cluster.ward import ward_labels, ward_seeds, weighted_ward
 from cicl.model.modules import student_t
 
 
@@ -122,3 +123,28 @@ def test_distance_percentile_with_tied_distances():
         np.array([[1.0, 0.0], [0.5, 0.0], [2.0, 0.0]]), np.zeros(3, int), cents, table
     )
     assert np.allclose(pct, [100.0, 0.0, 100.0])
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ward_start_escapes_the_kmeans_pp_optimum_on_imbalanced_classes(seed):
+    # eight classes of 300 down to 6 cells: ten k-means++ restarts all keep splitting a large
+    # class; Lloyd from Ward's centroids reaches a lower inertia, which is the true partition
+    from cicl.comm import Comm
+    from cicl.config import CICLConfig
+    from cicl.train.loop import final_kmeans
+
+    x, y = make_blobs(
+        n_samples=[300, 200, 100, 40, 20, 10, 10, 6],
+        n_features=5,
+        center_box=(-8, 8),
+        random_state=seed,
+    )
+    x = torch.tensor(x, dtype=torch.float32)
+    seeds = ward_seeds(x, 8)
+    assert seeds is not None and seeds.shape == (8, 5)
+    cfg = CICLConfig().with_overrides({"seed": seed, "cluster.final_n_init": 10})
+    plain = final_kmeans(x, 8, cfg.with_overrides({"cluster.ward_start": False}), len(x), Comm())
+    best = final_kmeans(x, 8, cfg, len(x), Comm())
+    assert best.inertia < plain.inertia  # the one objective decides, nothing else
+    assert adjusted_rand_score(y, best.labels.numpy()) == pytest.approx(1.0)
+    assert adjusted_rand_score(y, plain.labels.numpy()) < 0.9

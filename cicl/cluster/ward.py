@@ -47,6 +47,37 @@ def weighted_ward(centroids: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarra
     return relabel
 
 
+def ward_seeds(
+    x: torch.Tensor, k: int, *, n_micro: int = 1000, seed: int = 0, comm: Comm = LOCAL
+) -> torch.Tensor | None:
+    """Centroids (k, d) of a Ward partition of ``x``: a deterministic start for Lloyd.
+
+    k-means++ restarts sample centres in proportion to squared distance, so on imbalanced data
+    they keep spending a spare centre on a large class; Ward merges bottom-up and seeds the
+    small classes. Exact Ward on up to ``n_micro`` cells in one process; otherwise (or sharded:
+    every rank then gets the same seeds) Ward on weighted micro-cluster centroids. None when
+    there are too few distinct micro-clusters for ``k`` groups."""
+    n = int(comm.sum(torch.tensor(x.shape[0], dtype=torch.long)))
+    if comm.world == 1 and n <= n_micro:
+        cents, sizes = x.double(), torch.ones(n, dtype=torch.float64, device=x.device)
+    else:
+        m = min(n_micro, max(k, n // 2))
+        res = kmeans(x, m, n_init=1, max_iter=20, seed=seed, comm=comm)
+        sizes = comm.sum(torch.bincount(res.labels, minlength=m).to(torch.float64))
+        keep = sizes > 0
+        cents, sizes = res.centroids[keep].double(), sizes[keep]
+    if cents.shape[0] <= k:
+        return None
+    groups = torch.as_tensor(
+        weighted_ward(cents.cpu().numpy(), sizes.cpu().numpy(), k), device=x.device
+    )
+    w = sizes.to(x.device)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, groups, cents * w[:, None])
+    counts = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, groups, w)
+    return (sums / counts[:, None]).to(x.dtype)
+
+
 def ward_labels(
     x: torch.Tensor, k: int, *, n_micro: int = 1000, seed: int = 0, comm: Comm = LOCAL
 ) -> torch.Tensor:

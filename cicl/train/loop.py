@@ -22,7 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
-from cicl.cluster.ward import ward_labels
+from cicl.cluster.ward import ward_labels, ward_seeds
 from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
@@ -112,6 +112,22 @@ def final_restarts(cfg: CICLConfig, n_cells: int) -> int:
     if cfg.cluster.final_n_init is not None:
         return cfg.cluster.final_n_init
     return int(min(100, max(cfg.cluster.n_init, 200_000 // max(n_cells, 1))))
+
+
+def final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -> KMeansResult:
+    """The final partition: the lowest-inertia of ``final_restarts`` k-means++ restarts and
+    (``cluster.ward_start``) one Lloyd run from Ward's centroids. One objective, more starts:
+    nothing here looks at anything but the inertia."""
+    best = kmeans(
+        h, k, n_init=final_restarts(cfg, n), max_iter=cfg.cluster.max_iter, seed=cfg.seed, comm=comm
+    )
+    if cfg.cluster.ward_start:
+        seeds = ward_seeds(h, k, seed=cfg.seed, comm=comm)
+        if seeds is not None:
+            warm = lloyd(h, seeds, max_iter=cfg.cluster.max_iter, comm=comm)
+            if warm.inertia < best.inertia:
+                best = warm
+    return best
 
 
 @torch.no_grad()
@@ -349,7 +365,7 @@ def train(
     sync_norm_stats(model, comm)
     h = space(embed(model, xt))
     if cfg.cluster.final == "kmeans":
-        final = cluster(h, final_restarts(cfg, n))
+        final = final_kmeans(h, n_clusters, cfg, n, comm)
         labels, cents = final.labels, final.centroids
     elif cfg.cluster.final == "ward":
         if comm.world > 1:

@@ -32,7 +32,7 @@ from cicl.train.loop import (
     cluster_space,
     device_name,
     encoder_state,
-    final_restarts,
+    final_kmeans,
     load_state,
     make_state,
     recon_kind,
@@ -261,9 +261,9 @@ def train_stream(
         bar.close()
 
     n_fit = int(comm.sum(torch.tensor(len(sample_idx), dtype=torch.long)))
-    final = recluster(
-        None, final_restarts(cfg, n_fit)
-    )  # final labels: K-means on the sample, all assigned
+    t = time.perf_counter()  # final labels: K-means on the sample (as in memory), all assigned
+    final = final_kmeans(sample_space(), n_clusters, cfg, n_fit, comm)
+    timings["kmeans"] += time.perf_counter() - t
     t_final = time.perf_counter()
     labels_out: list[np.ndarray] = []
     emb_out: list[np.ndarray] = []
