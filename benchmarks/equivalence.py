@@ -86,11 +86,11 @@ def main() -> None:
             cfg = CICLConfig().with_overrides({"seed": seed})
             torch.set_num_threads(2)
             t = time.perf_counter()
-            one = train(prep.x, prep.pcs, k, cfg)
+            one = train(prep.x, prep.pcs, k, cfg, counts=prep.counts)
             t1 = time.perf_counter() - t
             opts = RayOptions(workers=args.workers, storage=tmp, name=f"eq{seed}")
             t = time.perf_counter()
-            many = fit_ray(prep.x, prep.pcs, k, cfg, opts, progress=False)
+            many = fit_ray(prep.x, prep.pcs, k, cfg, opts, progress=False, counts=prep.counts)
             t2 = time.perf_counter() - t
             row = {
                 "seed": seed,

@@ -67,6 +67,7 @@ def main() -> None:
             ),
             truth=y,
             name_hint=name,
+            counts=prep.counts,
         )
         secs = time.perf_counter() - t0
         at_k = [
@@ -75,7 +76,12 @@ def main() -> None:
             if t["finished"] and t["params"].get("cluster.n_clusters") == k
         ]
         fixed = [
-            ari(y, train(prep.x, prep.pcs, k, base.with_overrides({"seed": s})).labels)
+            ari(
+                y,
+                train(
+                    prep.x, prep.pcs, k, base.with_overrides({"seed": s}), counts=prep.counts
+                ).labels,
+            )
             for s in range(3)
         ]
         picked = float(res.best_metrics["ari"])

@@ -151,6 +151,7 @@ def write_result(
         "seconds": float(seconds),
         "workers": int(workers),
         "device": res.device,
+        "decoder": res.decoder,
         "timings": {k: float(v) for k, v in res.timings.items()},
     }
     if model is not None:

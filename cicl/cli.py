@@ -565,6 +565,7 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "steps": int(info["steps"]),
         "workers": int(info["workers"]),
         "device": str(info.get("device", "cpu")),
+        "decoder": str(info.get("decoder", "off")),
         **({"silhouette_pca": float(info["silhouette_pca"])} if "silhouette_pca" in info else {}),
     }
 
@@ -580,7 +581,8 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
         f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s) on "
         f"{r['device']}; "
-        f"total {r['seconds']:.1f} s",
+        + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
+        + f"total {r['seconds']:.1f} s",
     ]
     if "silhouette_pca" in r:
         lines.append(

@@ -35,6 +35,10 @@ class Comm:
         """As ``gather`` but gradients flow back to every rank's slice."""
         return t
 
+    def sum_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """As ``sum`` but gradients flow back to every rank's summand."""
+        return t
+
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return t
 
@@ -87,6 +91,9 @@ class TorchDistComm(Comm):
     def gather_grad(self, t: torch.Tensor) -> torch.Tensor:
         return _GatherGrad.apply(t.contiguous(), self)
 
+    def sum_grad(self, t: torch.Tensor) -> torch.Tensor:
+        return _SumGrad.apply(t.contiguous(), self)
+
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         out = self._on(t)
         self._dist.broadcast(out, src=src)
@@ -119,3 +126,17 @@ class _GatherGrad(torch.autograd.Function):
         total = ctx.comm.sum(grad.contiguous())
         start = ctx.comm.rank * ctx.n
         return total[start : start + ctx.n], None
+
+
+class _SumGrad(torch.autograd.Function):
+    """all_reduce (sum) forward; backward all-reduces the gradient, since every rank's loss
+    depends on every rank's summand (DDP then averages the parameter gradients)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, comm: TorchDistComm) -> torch.Tensor:
+        ctx.comm = comm
+        return comm.sum(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.sum(grad.contiguous()), None

@@ -241,6 +241,7 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         pca_center=None if meta.get("pca_center") is None else np.asarray(meta["pca_center"]),
         pca_scale=meta.get("pca_scale", 1.0),
         device=meta.get("device", "cpu"),
+        decoder=meta.get("decoder", "off"),
     )
 
 
@@ -358,6 +359,7 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "pca_center": None if res.pca_center is None else res.pca_center.tolist(),
         "pca_scale": res.pca_scale,
         "device": res.device,
+        "decoder": res.decoder,
     }
     tmp = out / ".encoder.tmp.npz"  # the trained encoder, for predicting new cells
     np.savez(tmp, **res.encoder_state)

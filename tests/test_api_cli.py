@@ -85,6 +85,10 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
     res = ad.read_h5ad(out)
     assert "cicl" in res.obs and res.uns["cicl"]["params"]["seed"] == 2
     assert res.uns["cicl"]["device"] == "cpu"
+    # loss.recon: auto chose the decoder from the input, and the result says which
+    want = "nb" if line["values"] == "counts" else "gaussian"
+    assert line["decoder"] == res.uns["cicl"]["decoder"] == want
+    assert f"decoder {want}" in cap.err
 
 
 @pytest.mark.parametrize(

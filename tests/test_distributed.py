@@ -219,3 +219,45 @@ def test_resume_in_one_process_continues_exactly_and_survives_a_foreign_rng_stat
     foreign = dict(first, rng_aug=torch.zeros(1, 16, dtype=torch.uint8))
     other = train(x, pcs, 3, cfg, restore=foreign)
     assert other.steps == full.steps and len(np.unique(other.labels)) == 3
+
+
+def _bn_case() -> tuple[torch.Tensor, torch.Tensor, torch.nn.BatchNorm1d]:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 5, generator=g) * 3 + 1
+    w = torch.randn(64, 5, generator=g)  # a per-cell loss weight, so gradients are not trivial
+    bn = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(5, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(5, generator=g))
+    return x, w, bn
+
+
+def _global_bn(comm: TorchDistComm, out: str) -> None:
+    from cicl.model.modules import global_batch_norm
+
+    x, w, bn = _bn_case()
+    m = global_batch_norm(torch.nn.Sequential(bn), comm)
+    cut = 24  # unequal shards
+    sl = slice(0, cut) if comm.rank == 0 else slice(cut, None)
+    xs = x[sl].clone().requires_grad_(True)
+    y = m(xs)
+    (y * w[sl]).sum().backward()  # this rank's part of the global loss
+    torch.save(
+        {"y": y.detach(), "gx": xs.grad, "gw": m[0].weight.grad, "rm": m[0].running_var},
+        os.path.join(out, f"r{comm.rank}.pt"),
+    )
+
+
+def test_global_batch_norm_equals_one_process_batch_norm():
+    # 2 ranks holding 24 + 40 cells of one batch: outputs, input gradients, summed weight
+    # gradients and running statistics are those of BatchNorm1d over all 64 cells
+    out = _spawn("_global_bn")
+    r0, r1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
+    x, w, bn = _bn_case()
+    x = x.clone().requires_grad_(True)
+    y = bn(x)
+    (y * w).sum().backward()
+    assert torch.allclose(torch.cat([r0["y"], r1["y"]]), y.detach(), atol=1e-5)
+    assert torch.allclose(torch.cat([r0["gx"], r1["gx"]]), x.grad, atol=1e-5)
+    assert torch.allclose(r0["gw"] + r1["gw"], bn.weight.grad, atol=1e-4)
+    assert torch.allclose(r0["rm"], bn.running_var) and torch.allclose(r1["rm"], bn.running_var)

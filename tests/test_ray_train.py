@@ -108,6 +108,8 @@ def test_cli_fit_with_workers(data_dir, local_ray, tmp_path):
     assert rc == 0
     a = ad.read_h5ad(out)
     assert a.uns["cicl"]["workers"] == 2 and a.uns["cicl"]["device"] == "cpu"  # via meta.json
+    counts = a.uns["cicl"]["preprocess"]["values"] == "counts"
+    assert a.uns["cicl"]["decoder"] == ("nb" if counts else "gaussian")  # the workers' choice
     assert a.obs["cicl"].nunique() == 4
     # rank 0 hands back the trained encoder: the fit is a reference for new cells
     b = ad.read_h5ad(data_dir / "biase.h5ad")

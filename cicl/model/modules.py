@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cicl.comm import Comm
 from cicl.config import ModelConfig
 
 
@@ -163,6 +164,52 @@ def mlp(dims: list[int], batch_norm: bool, last_act: bool = False) -> nn.Sequent
             layers += [nn.BatchNorm1d(b)] if batch_norm else []
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm whose training statistics are the global batch's (every rank's cells), as
+    in one process. torch's SyncBatchNorm runs only on GPUs; this one all-reduces the per-feature
+    sums through ``comm`` (gloo or NCCL) with gradients. Only gradient-taking training
+    forwards synchronise (every rank makes the same number of optimiser steps); other forwards
+    use local statistics or, in eval mode, the running ones, as BatchNorm1d."""
+
+    def __init__(self, bn: nn.BatchNorm1d, comm: Comm):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.to(bn.weight.device if bn.affine else bn.running_mean.device)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()) or self.comm.world == 1:
+            return super().forward(x)
+        d = x.shape[1]
+        n = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        s = self.comm.sum_grad(torch.cat([x.sum(0), (x * x).sum(0), n]))
+        total = s[-1]
+        mean = s[:d] / total
+        var = (s[d : 2 * d] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                unbiased = var * total / (total - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(m * mean)
+                self.running_var.mul_(1 - m).add_(m * unbiased)
+                self.num_batches_tracked += 1
+        out = (x - mean) / torch.sqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def global_batch_norm(model: nn.Module, comm: Comm) -> nn.Module:
+    """Swap every BatchNorm1d in ``model`` for a ``GlobalBatchNorm1d`` over ``comm`` (same
+    weights and statistics; the state dict keeps its keys, so saved models load either way)."""
+    if comm.world == 1:
+        return model
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
+            setattr(model, name, GlobalBatchNorm1d(child, comm))
+        else:
+            global_batch_norm(child, comm)
+    return model
 
 
 class MLPEncoder(nn.Module):

@@ -27,7 +27,13 @@ from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
 from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES, gaussian_nll, nb_nll
-from cicl.model.modules import CICLModel, balanced_gene_groups, pca_projection, student_t
+from cicl.model.modules import (
+    CICLModel,
+    balanced_gene_groups,
+    global_batch_norm,
+    pca_projection,
+    student_t,
+)
 
 
 @dataclass
@@ -46,6 +52,9 @@ class TrainResult:
     pca_center: np.ndarray | None = None
     pca_scale: float = 1.0
     device: str = "cpu"  # what trained it (``device_name``), reported in uns and the summary
+    # what the decoder reconstructed ("nb": raw counts, "gaussian": the scaled input, "off"):
+    # ``loss.recon: auto`` decides from the input, so the result says what it chose
+    decoder: str = "off"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -387,6 +396,7 @@ def train(
         pca_center=pca_center,
         pca_scale=pca_scale,
         device=device_name(device),
+        decoder=recon or "off",
     )
 
 
@@ -496,6 +506,7 @@ def build_model(
     across ranks), its optimiser. Seed torch before calling: every rank must start from the
     same weights."""
     model = CICLModel(n_genes, cfg.model, groups, pca_init, recon).to(device)
+    global_batch_norm(model, comm)  # BatchNorm over the global batch, as in one process
     net: torch.nn.Module = model
     if comm.world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -291,4 +291,5 @@ def train_stream(
         pca_center=np.asarray(pca_stats[0], dtype=np.float64),
         pca_scale=p_scale,
         device=device_name(device),
+        decoder=recon or "off",
     )
