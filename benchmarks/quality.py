@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.datasets.split(","))
         paths = [p for p in paths if p.stem in keep]
     methods = args.methods.split(",")
-    import yaml
+    from cicl.cli import _parse_set
 
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = _parse_set(args.set)  # as `cicl fit --set`
     if overrides and not args.name:
         ap.error("--set needs --name: the rows must not pass for the method's own")
     sizes = {p: ad.read_h5ad(p, backed="r").n_obs for p in paths}

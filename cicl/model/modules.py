@@ -190,11 +190,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         var = (s[d : 2 * d] / total - mean * mean).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked += 1
+                m = self.momentum  # None: cumulative average, as BatchNorm1d
+                m = 1.0 / float(self.num_batches_tracked) if m is None else m
                 unbiased = var * total / (total - 1).clamp_min(1)
                 self.running_mean.mul_(1 - m).add_(m * mean)
                 self.running_var.mul_(1 - m).add_(m * unbiased)
-                self.num_batches_tracked += 1
         out = (x - mean) / torch.sqrt(var + self.eps)
         return out * self.weight + self.bias if self.affine else out
 

@@ -142,7 +142,9 @@ def final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -
 @torch.no_grad()
 def sync_norm_stats(model: torch.nn.Module, comm: Comm) -> None:
     """Average the BatchNorm running statistics over ranks, so every rank embeds its cells
-    with the same normalisation (DDP syncs gradients, not buffers). A no-op in one process."""
+    with the same normalisation (DDP syncs gradients, not buffers). Optimiser steps keep them
+    equal already (``GlobalBatchNorm1d``); train-mode forwards without gradient (``cluster.
+    pseudo_label_mode: train``) update each rank's own. A no-op in one process."""
     if comm.world == 1:
         return
     for mod in model.modules():

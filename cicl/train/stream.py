@@ -151,11 +151,16 @@ def train_stream(
         ]
         return torch.cat(parts)
 
-    def recluster(prev: KMeansResult | None, n_init: int) -> KMeansResult:
+    def recluster(prev: KMeansResult | None) -> KMeansResult:
         t = time.perf_counter()
         h = sample_space()
         res = kmeans(
-            h, n_clusters, n_init=n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed, comm=comm
+            h,
+            n_clusters,
+            n_init=cfg.cluster.n_init,
+            max_iter=cfg.cluster.max_iter,
+            seed=cfg.seed,
+            comm=comm,
         )
         if prev is not None:
             warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
@@ -180,7 +185,7 @@ def train_stream(
     history: list[dict] = []
     steps, start_epoch = 0, 1
     if restore is None:
-        km = recluster(None, cfg.cluster.n_init)
+        km = recluster(None)
     else:
         km, history, steps, start_epoch = load_state(restore, model, opt, gen, comm, device)
     assign_all(km)
@@ -234,7 +239,7 @@ def train_stream(
         timings["train"] += time.perf_counter() - t_epoch
         every = cfg.cluster.recluster_every
         if every is not None and (epoch % every == 0 or epoch == epochs):
-            km = recluster(km, cfg.cluster.n_init)
+            km = recluster(km)
             assign_all(km)
             nb = max(done, 1)
             from sklearn.metrics import adjusted_rand_score
