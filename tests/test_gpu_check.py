@@ -27,8 +27,10 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     argv = "--device cpu --cells 3000 --genes 128 --batch 128 --steps 2 --warmup 1 --out"
     _run_light(SCRIPT, [*argv.split(), str(tmp_path)])
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["train_cells_per_s"] > 0 and res["encoder_fwd_bwd_ms"] > 0
-    assert res["step_ms"] >= res["encoder_fwd_bwd_ms"] * 0.5
+    # every phase was timed (how the timings compare is the benchmark's to report: two steps on
+    # a shared 2-core CPU made "step >= half the encoder's time" fail at random)
+    for key in ("train_cells_per_s", "step_ms", "encoder_fwd_bwd_ms", "loss_fwd_bwd_ms"):
+        assert res[key] > 0, key
     assert (tmp_path / "gpu_check.md").read_text().startswith("| device")
 
 
