@@ -143,11 +143,12 @@ def to_markdown(df: pd.DataFrame, methods: list[str]) -> str:
     )
     c = s[s.method == "cicl"].set_index("dataset")["ari"]
     gap = (c - best).dropna()
-    lines.append(
-        f"Best baseline per dataset, mean ARI: {best.mean():.3f}. CICL minus best baseline: "
-        f"worst {gap.min():+.3f} ({gap.idxmin()}), datasets more than 0.10 below: "
-        f"{', '.join(gap[gap < -0.10].index) or 'none'}."
-    )
+    if not gap.empty:  # an ablation run alone (--name) has no baselines or cicl rows
+        lines.append(
+            f"Best baseline per dataset, mean ARI: {best.mean():.3f}. CICL minus best baseline: "
+            f"worst {gap.min():+.3f} ({gap.idxmin()}), datasets more than 0.10 below: "
+            f"{', '.join(gap[gap < -0.10].index) or 'none'}."
+        )
     found = df.groupby(["dataset", "method"])["n_found"].mean().unstack()
     if "cicl_est_k" in found:
         lines.append(
@@ -160,10 +161,10 @@ def to_markdown(df: pd.DataFrame, methods: list[str]) -> str:
             )
             + "."
         )
-    sec = s[s.method == "cicl"].set_index("dataset")["seconds"]
-    lines.append(
-        f"CICL training seconds (1 thread, per seed): {', '.join(f'{d} {sec[d]:.0f}' for d in sizes.index if d in sec)}."
-    )
+    timed = "cicl" if "cicl" in methods else methods[0]  # an ablation alone: its own times
+    sec = s[s.method == timed].set_index("dataset")["seconds"]
+    per_set = ", ".join(f"{d} {sec[d]:.0f}" for d in sizes.index if d in sec)
+    lines.append(f"`{timed}` training seconds (1 thread, per seed): {per_set}.")
     return "\n".join(lines) + "\n"
 
 
