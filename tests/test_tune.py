@@ -167,6 +167,46 @@ def test_killed_sweep_resumes_without_duplicates(sweep):
     assert again.info.end_time == first.info.end_time  # the finished trial was not rerun
 
 
+def test_first_trial_is_the_base_configuration(sweep):
+    """Trial 1 runs the configuration the sweep starts from (here the default, K = the
+    estimate), so a sweep can only improve on it by the objective; later trials are drawn."""
+    root, _, _, first = sweep
+    _, parents, _ = _runs(root, EXP)
+    p = first.data.params
+    k_est = parents[0].data.params["k_estimate"]
+    assert p["search.loss.instance_weight"] == "0.0"
+    assert p["search.loss.temperature"] == "0.5"
+    assert p["search.augment.type"] == "all"
+    assert p["search.cluster.n_clusters"] == k_est
+
+
+def test_base_point_puts_the_base_config_inside_the_space():
+    from cicl.config import CICLConfig
+    from cicl.sweep import Space, base_point
+
+    space = Space(
+        "t",
+        {
+            "loss.lam": {"type": "uniform", "low": 0.1, "high": 1.0},  # default 0: clipped
+            "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "cluster.recluster_every": {"type": "choice", "values": [2, 10]},  # 5 not there
+            "cluster.pca_weight": {"type": "uniform", "low": 0.25, "high": 4.0},  # None: by n
+            "augment.type": {"type": "choice", "values": ["mask", "noise+mask"]},
+            "cluster.n_clusters": {"type": "k_around_estimate", "delta": 2},
+        },
+        {"augment.neighbor_prob": 0.0},
+    )
+    point = base_point(space, CICLConfig(), 7, 800)
+    assert point == {
+        "loss.lam": 0.1,
+        "train.lr": 1e-3,
+        "cluster.recluster_every": 2,
+        "cluster.pca_weight": 2.0,
+        "augment.type": "noise+mask",  # the fixed neighbour-off makes the base noise+mask
+        "cluster.n_clusters": 7,
+    }
+
+
 def test_sweep_leaves_one_parent_and_a_child_per_trial(sweep):
     root, _, _, _ = sweep
     c, parents, children = _runs(root, EXP)
