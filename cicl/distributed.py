@@ -88,6 +88,19 @@ def shard_indices(n: int, world: int, seed: int) -> list[np.ndarray]:
     return [np.sort(b) for b in np.array_split(perm, world)]
 
 
+# glibc raises its mmap threshold each time a large block is freed, after which the streamed
+# blocks (4,096 cells x 2,000 genes) come from the heap and fragment it: a 1-thread worker
+# streaming 1 M cells peaked at 3.2-3.5 GB against 1.0 GB at 100 k. A fixed threshold keeps
+# large blocks in mmap, returned on free (1.2-1.3 GB at 1 M; benchmarks/scaling.py, README).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "4194304")}
+
+
+def ray_runtime_env() -> dict:
+    """The job's runtime environment: Ray starts every worker process with these variables
+    (glibc reads them at process start, so setting them inside a worker is too late)."""
+    return {"env_vars": dict(WORKER_ENV)}
+
+
 def ensure_ray(address: str | None = None):
     """Connect to ``address`` or start a local Ray whose dashboard listens on 127.0.0.1.
     Returns Ray's context (None when Ray was already up)."""
@@ -96,7 +109,7 @@ def ensure_ray(address: str | None = None):
     if ray.is_initialized():
         return None
     if address:
-        return ray.init(address=address, log_to_driver=False)
+        return ray.init(address=address, log_to_driver=False, runtime_env=ray_runtime_env())
     # a new local Ray turns token authentication on (good) and warns that it did so, on every
     # start; keep the behaviour, drop the warning
     with quieted("ray._private.authentication.authentication_token_setup"):
@@ -105,6 +118,7 @@ def ensure_ray(address: str | None = None):
             dashboard_host="127.0.0.1",
             log_to_driver=False,
             include_dashboard=True,
+            runtime_env=ray_runtime_env(),
         )
 
 
