@@ -63,19 +63,13 @@ def main() -> None:
     import ray
 
     from cicl.data.simulate import simulate
+    from cicl.distributed import ensure_ray
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from cicl.distributed import ray_runtime_env
-
-    ray.init(
-        num_cpus=max(2, os.cpu_count() or 1),
-        dashboard_host="127.0.0.1",
-        log_to_driver=False,
-        runtime_env=ray_runtime_env(),  # as `cicl` starts Ray (the workers' malloc setting)
-    )
+    ensure_ray()  # as `cicl` starts Ray: loopback dashboard, the workers' malloc setting
     old = (
         pd.read_csv(out / "scaling.csv") if args.append and (out / "scaling.csv").exists() else None
     )

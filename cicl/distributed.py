@@ -88,17 +88,18 @@ def shard_indices(n: int, world: int, seed: int) -> list[np.ndarray]:
     return [np.sort(b) for b in np.array_split(perm, world)]
 
 
-# glibc raises its mmap threshold each time a large block is freed, after which the streamed
-# blocks (4,096 cells x 2,000 genes) come from the heap and fragment it: a 1-thread worker
-# streaming 1 M cells peaked at 3.2-3.5 GB against 1.0 GB at 100 k. A fixed threshold keeps
-# large blocks in mmap, returned on free (1.2-1.3 GB at 1 M; benchmarks/scaling.py, README).
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "4194304")}
-
-
 def ray_runtime_env() -> dict:
     """The job's runtime environment: Ray starts every worker process with these variables
-    (glibc reads them at process start, so setting them inside a worker is too late)."""
-    return {"env_vars": dict(WORKER_ENV)}
+    (glibc reads them at process start, so setting them inside a worker is too late).
+
+    glibc raises its mmap threshold each time a large block is freed, after which the streamed
+    blocks (4,096 cells x 2,000 genes) come from the heap and fragment it: a 1-thread worker
+    streaming 1 M cells peaked at 3.2-3.5 GB against 1.0 GB at 100 k. A fixed 4 MiB threshold
+    keeps large blocks in mmap, returned on free (1.28 GB at 1 M; benchmarks/scaling.py). A
+    value the user set is kept."""
+    return {
+        "env_vars": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "4194304")}
+    }
 
 
 def ensure_ray(address: str | None = None):

@@ -42,12 +42,13 @@ from cicl.tracking import (
 from cicl.train.loop import TrainResult
 
 TUNE_DIR = Path(__file__).resolve().parents[1] / "tune"
+AUG_KINDS = ("noise_std", "mask_frac", "neighbor_prob")  # the strength that turns each kind on
 AUG_TYPES = {
     "noise": ("noise_std",),
     "mask": ("mask_frac",),
     "neighbor": ("neighbor_prob",),
     "noise+mask": ("noise_std", "mask_frac"),
-    "all": ("noise_std", "mask_frac", "neighbor_prob"),
+    "all": AUG_KINDS,
 }
 
 
@@ -134,9 +135,7 @@ def base_point(space: Space, base: CICLConfig, k_est: int, n_cells: int) -> dict
     for key, d in space.params.items():
         t = d["type"]
         if key == "augment.type":
-            on = tuple(
-                k for k in ("noise_std", "mask_frac", "neighbor_prob") if flat[f"augment.{k}"] > 0
-            )
+            on = tuple(k for k in AUG_KINDS if flat[f"augment.{k}"] > 0)
             names = [n for n, kinds in AUG_TYPES.items() if kinds == on]
             point[key] = names[0] if names and names[0] in d["values"] else d["values"][0]
             continue
@@ -163,7 +162,7 @@ def trial_config(base: CICLConfig, space: Space, params: dict[str, Any]) -> CICL
     for key, v in params.items():
         if key == "augment.type":
             on = AUG_TYPES[v]
-            for kind in ("noise_std", "mask_frac", "neighbor_prob"):
+            for kind in AUG_KINDS:
                 if kind not in on:
                     over[f"augment.{kind}"] = 0.0
         else:

@@ -182,13 +182,13 @@ def test_local_ray_listens_on_loopback_and_starts_workers_with_the_malloc_settin
 
     import ray
 
-    from cicl.distributed import WORKER_ENV, ensure_ray
+    from cicl.distributed import ensure_ray, ray_runtime_env
 
     ray.shutdown()
     try:
         ctx = ensure_ray()
         assert ctx.dashboard_url.startswith("127.0.0.1:")
         seen = ray.get(ray.remote(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_")).remote())
-        assert seen == WORKER_ENV["MALLOC_MMAP_THRESHOLD_"] and int(seen) > 0
+        assert seen == ray_runtime_env()["env_vars"]["MALLOC_MMAP_THRESHOLD_"] and int(seen) > 0
     finally:
         ray.shutdown()
