@@ -1,11 +1,14 @@
 """GPU check: the pure-torch CICL training step at atlas scale (no Ray, no AnnData needed).
 
-Generates a clustered synthetic atlas directly on the device (``--cells`` x ``--genes``),
-then times the real training step (``cicl.train.loop.train_step``: two augmented views,
-encoder + projection, cluster-aware + instance loss, AdamW) with bf16 autocast and TF32, and
-reports: training cells/s, the step split (encoder forward+backward, loss forward+backward,
-the rest), encoder FLOP/s and MFU (FLOPs counted by ``torch.utils.flop_counter``), embedding
-throughput and one distributed-ready K-means Lloyd pass over every cell.
+Generates a clustered synthetic atlas directly on the device (``--cells`` x ``--genes``:
+negative binomial-like counts per cluster and their scaled log profile), then times the real
+training step (``cicl.train.loop.train_step``) of ``--config``: ``default`` (one augmented
+view, MLP encoder, count decoder with the negative binomial loss, AdamW) or ``contrastive``
+(two views, encoder + projection, cluster-aware + instance loss), with bf16 autocast and TF32,
+and reports: training cells/s, the step split (encoder forward+backward, loss forward+backward
+-- the decoder and its likelihood, or the contrastive terms -- and the rest), encoder FLOP/s
+and MFU (FLOPs counted by ``torch.utils.flop_counter``), embedding throughput and one
+distributed-ready K-means Lloyd pass over every cell.
 
     python benchmarks/gpu_check.py --cells 1000000 --batch 8192 --out benchmarks/results
     python benchmarks/gpu_check.py --device cpu --cells 4000 --genes 256 --batch 256  # smoke
@@ -34,15 +37,27 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in PEAKS.items() if k in name), None)
 
 
-def synthetic(n: int, g: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+def synthetic(
+    n: int, g: int, k: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled log profile, counts): each cluster draws its genes' expression shares, each cell
+    a library size (log-normal, median ~2,000 counts) and Poisson counts around its cluster's
+    shares; the profile is log1p of counts per 10,000, z-scored per gene."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    centers = torch.randn(k, g, generator=gen, device=device) * 1.5
+    shares = torch.softmax(torch.randn(k, g, generator=gen, device=device) * 1.5, dim=1)
     lab = torch.randint(k, (n,), generator=gen, device=device)
-    x = torch.empty(n, g, device=device)
+    counts = torch.empty(n, g, device=device)
     for i in range(0, n, 65536):
         sl = slice(i, min(i + 65536, n))
-        x[sl] = centers[lab[sl]] + torch.randn(x[sl].shape, generator=gen, device=device)
-    return x
+        lib = torch.exp(
+            7.6 + 0.5 * torch.randn(sl.stop - sl.start, 1, generator=gen, device=device)
+        )
+        counts[sl] = torch.poisson(shares[lab[sl]] * lib, generator=gen)
+    x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp_min(1) * 1e4)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    for i in range(0, n, 65536):
+        x[i : i + 65536] = ((x[i : i + 65536] - mean) / std).clamp_(-10, 10)
+    return x, counts
 
 
 def timer(device: torch.device):
@@ -62,7 +77,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8192, help="cells per step (2 views each)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--encoder", default="transformer", choices=["transformer", "mlp"])
+    ap.add_argument(
+        "--config",
+        default="default",
+        choices=["default", "contrastive"],
+        help="whose training step: the default (count decoder) or the contrastive preset",
+    )
+    ap.add_argument("--encoder", default=None, choices=["transformer", "mlp"])
     ap.add_argument("--d-model", type=int, default=None, help="override model.d_model")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,33 +94,40 @@ def main() -> None:
 
     from cicl.cluster.kmeans import lloyd
     from cicl.comm import Comm
-    from cicl.config import preset
+    from cicl.config import CICLConfig, preset
     from cicl.model.augment import augment
     from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
     from cicl.model.modules import balanced_gene_groups
-    from cicl.train.loop import build_model, gene_loadings, train_step
+    from cicl.train.loop import build_model, gene_loadings, recon_kind, recon_loss, train_step
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("high")
-    over = {"model.encoder": args.encoder, "train.batch_size": args.batch}
+    over = {"train.batch_size": args.batch}
+    if args.encoder:
+        over["model.encoder"] = args.encoder
     if args.d_model:
         over["model.d_model"] = args.d_model
-    cfg = preset("contrastive").with_overrides(over)  # the two-view contrastive step
+    base = preset("contrastive") if args.config == "contrastive" else CICLConfig()
+    cfg = base.with_overrides(over)
+    recon = recon_kind(cfg, has_counts=True)
+    # the views a step encodes: two for a contrastive term, else one (as train_step does)
+    two = cfg.loss.instance_weight > 0 or cfg.loss.lam > 0
     now = timer(device)
 
     t = now()
-    x = synthetic(args.cells, args.genes, args.clusters, device)
+    x, counts = synthetic(args.cells, args.genes, args.clusters, device)
+    lib = counts.sum(1)
     t_gen = now() - t
     sample = x[: min(20000, args.cells)].float().cpu().numpy()
     sc = sample - sample.mean(0)
     pcs = sc @ np.linalg.svd(sc[:5000], full_matrices=False)[2][:50].T
     groups = None
-    if args.encoder == "transformer":
+    if cfg.model.encoder == "transformer":
         groups = balanced_gene_groups(gene_loadings(sample, pcs), cfg.model.n_tokens)
     torch.manual_seed(0)
-    model, net, opt = build_model(args.genes, cfg, groups, None, device, Comm())
+    model, net, opt = build_model(args.genes, cfg, groups, None, device, Comm(), recon)
     if args.compile:
         model.encoder = torch.compile(model.encoder)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -122,12 +150,14 @@ def main() -> None:
             t = now()
         idx = batch_idx()
         v1, v2 = views(idx)
+        pseudo = (labels[idx], conf[idx]) if cfg.loss.lam > 0 else None
+        target = (counts[idx], lib[idx]) if recon == "nb" else None
         with amp:
-            train_step(net, opt, v1, v2, (labels[idx], conf[idx]), cfg, Comm())
+            train_step(net, opt, v1, v2, pseudo, cfg, Comm(), target)
     t_step = (now() - t) / args.steps
 
-    # encoder forward + backward alone (same batch shape: 2 views)
-    v = torch.cat(views(batch_idx()))
+    # encoder forward + backward alone (same batch shape: the views a step encodes)
+    v = torch.cat(views(batch_idx())) if two else views(batch_idx())[0]
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             t = now()
@@ -143,19 +173,24 @@ def main() -> None:
         h.float().sum().backward()
     enc_flops = fc.get_total_flops()
 
-    # loss forward + backward alone
-    z = torch.randn(2 * b, cfg.model.proj_dim, device=device, requires_grad=True)
+    # loss forward + backward alone: the decoder and its likelihood, or the contrastive terms
     tau, kern = cfg.loss.temperature, cfg.loss.kernel
     lab_b = labels[:b]
     valid = torch.ones(b, dtype=torch.bool, device=device)
+    width = cfg.model.proj_dim if two else cfg.model.embed_dim
+    z = torch.randn((2 if two else 1) * b, width, device=device, requires_grad=True)
+    idx = batch_idx()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             t = now()
         with amp:
-            loss = INSTANCE_LOSSES[cfg.loss.instance_loss](z[:b], z[b:], tau, kern)
-            loss = loss + CLUSTER_LOSSES[cfg.loss.cluster_loss](
-                z[:b], z[b:], lab_b, tau, valid, kern
-            )
+            if two:
+                loss = INSTANCE_LOSSES[cfg.loss.instance_loss](z[:b], z[b:], tau, kern)
+                loss = loss + CLUSTER_LOSSES[cfg.loss.cluster_loss](
+                    z[:b], z[b:], lab_b, tau, valid, kern
+                )
+            else:
+                loss = recon_loss(model.decoder, model.decoder(z), (counts[idx], lib[idx]))
         loss.backward()
     t_loss = (now() - t) / args.steps
 
@@ -177,7 +212,8 @@ def main() -> None:
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "encoder": args.encoder,
+        "config": args.config,
+        "encoder": cfg.model.encoder,
         "dtype": args.dtype,
         "cells": args.cells,
         "genes": args.genes,

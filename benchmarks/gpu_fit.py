@@ -98,11 +98,13 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | N
     return x, f["pcs"], f["y"].astype(np.int64), counts
 
 
-def fit_one(x, pcs, k, seed, device, comm=None, counts=None) -> tuple[np.ndarray, float, int]:
+def fit_one(
+    x, pcs, k, seed, device, comm=None, counts=None, overrides=None
+) -> tuple[np.ndarray, float, int]:
     from cicl.config import CICLConfig
     from cicl.train.loop import train
 
-    cfg = CICLConfig().with_overrides({"seed": seed, "train.device": device})
+    cfg = CICLConfig().with_overrides({**(overrides or {}), "seed": seed, "train.device": device})
     t0 = time.perf_counter()
     res = train(x, pcs, k, cfg, comm=comm, counts=counts)
     return res.labels, time.perf_counter() - t0, res.steps
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
     if args.datasets:
         files = [f for f in files if f.stem in args.datasets.split(",")]
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    extra: dict = {"device": dev_name, "torch": torch.__version__}
+    extra: dict = {"device": dev_name, "torch": torch.__version__, "overrides": args.overrides}
     rows = []
     t_start = time.perf_counter()
     for f in files:
@@ -160,12 +162,14 @@ def run(args: argparse.Namespace) -> None:
                 x, pcs, k, args.device, counts
             )  # plain = seed 0's fit
             print("dist", json.dumps(extra["dist"]), flush=True)
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             if time.perf_counter() - t_start > args.budget_s:
                 extra["stopped_early"] = f"time budget {args.budget_s}s reached at {f.stem}"
                 break
             fit = plain if seed == 0 and plain is not None else None
-            lab, sec, steps = fit or fit_one(x, pcs, k, seed, args.device, counts=counts)
+            lab, sec, steps = fit or fit_one(
+                x, pcs, k, seed, args.device, counts=counts, overrides=args.overrides
+            )
             rows.append(
                 {
                     "dataset": f.stem,
@@ -221,8 +225,14 @@ def _write(rows: list[dict], extra: dict, out: Path) -> None:
         cpu = q[q.method == "cicl"].groupby("dataset")[["ari", "seconds"]].mean()
     g = df.groupby("dataset", sort=False)
     lines = [
-        f"GPU: {extra['device']}, torch {extra['torch']}; default config, true K, "
-        f"{df.seed.nunique()} seeds; seconds = `train()` (training + K-means rounds).",
+        f"GPU: {extra['device']}, torch {extra['torch']}; "
+        + (
+            f"overrides `{json.dumps(extra['overrides'])}`"
+            if extra.get("overrides")
+            else "default config"
+        )
+        + f", true K, {df.seed.nunique()} seeds ({df.seed.min()}-{df.seed.max()}); "
+        "seconds = `train()` (training + K-means rounds).",
         "",
         "| dataset (cells) | ARI GPU | NMI GPU | seconds GPU | ARI CPU | seconds CPU (1 thread) |",
         "|---|---|---|---|---|---|",
@@ -254,6 +264,10 @@ def main() -> None:
     r.add_argument("--prep", default=".gpu_data")
     r.add_argument("--out", default="benchmarks/results")
     r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--seed-start", type=int, default=0, help="first seed (seeds run from it)")
+    r.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     r.add_argument("--datasets", default=None)
     r.add_argument("--device", default="cuda")
     r.add_argument("--budget-s", type=float, default=1e9, help="stop starting fits after this")
@@ -262,6 +276,10 @@ def main() -> None:
     r.add_argument("--repeat-check", action="store_true")
     r.add_argument("--profile", default=None, help="cProfile one fit of this dataset first")
     args = ap.parse_args()
+    if args.cmd == "run":
+        from cicl.cli import _parse_set
+
+        args.overrides = _parse_set(args.set)
     if args.cmd == "prepare":
         prepare(Path(args.data), Path(args.out))
     else:

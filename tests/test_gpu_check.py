@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 FIT = SCRIPT.parent / "gpu_fit.py"
 
@@ -23,10 +25,17 @@ def _run_light(script: Path, argv: list[str]) -> None:
     assert "HEAVY []" in out.stdout
 
 
-def test_gpu_check_smoke_on_cpu(tmp_path):
-    argv = "--device cpu --cells 3000 --genes 128 --batch 128 --steps 2 --warmup 1 --out"
-    _run_light(SCRIPT, [*argv.split(), str(tmp_path)])
+@pytest.mark.parametrize("config", ["default", "contrastive"])
+def test_gpu_check_smoke_on_cpu(tmp_path, config):
+    argv = (
+        f"--device cpu --cells 3000 --genes 128 --batch 128 --steps 2 --warmup 1 --config {config}"
+    )
+    _run_light(SCRIPT, [*argv.split(), "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpu_check.json").read_text())
+    # the step timed is the config's: the count decoder's MLP, or the contrastive Transformer
+    assert (res["config"], res["encoder"]) == (
+        (config, "mlp") if config == "default" else (config, "transformer")
+    )
     # every phase was timed (how the timings compare is the benchmark's to report: two steps on
     # a shared 2-core CPU made "step >= half the encoder's time" fail at random)
     for key in ("train_cells_per_s", "step_ms", "encoder_fwd_bwd_ms", "loss_fwd_bwd_ms"):
@@ -46,10 +55,13 @@ def test_gpu_fit_prepares_losslessly_and_runs_without_anndata(data_dir, tmp_path
         [sys.executable, str(FIT), "prepare", "--data", str(src), "--out", str(prep)], check=True
     )
     assert (prep / "biase.npz").stat().st_size < 400_000
-    argv = "--device cpu --seeds 1 --dist-check --check-dataset biase".split()
-    _run_light(FIT, ["run", "--prep", str(prep), "--out", str(out), *argv])
+    argv = "--device cpu --seeds 1 --seed-start 1 --dist-check --check-dataset biase"
+    argv += " --set cluster.final_n_init=20"  # a variant's rows: its overrides are recorded
+    _run_light(FIT, ["run", "--prep", str(prep), "--out", str(out), *argv.split()])
     extra = json.loads((out / "gpu_fit.json").read_text())
     assert extra["dist"]["backend"] == "gloo" and extra["dist"]["ari_dist_vs_plain"] == 1.0
+    assert extra["overrides"] == {"cluster.final_n_init": 20}
     row = (out / "gpu_fit.csv").read_text().splitlines()[1].split(",")
-    assert row[0] == "biase" and float(row[4]) > 0.5  # ARI floor on the real labels
-    assert "| biase (56) |" in (out / "gpu_fit.md").read_text()
+    assert row[0] == "biase" and row[3] == "1" and float(row[4]) > 0.5  # ARI floor, real labels
+    md = (out / "gpu_fit.md").read_text()
+    assert "| biase (56) |" in md and '`{"cluster.final_n_init": 20}`' in md and "(1-1)" in md
