@@ -1,7 +1,7 @@
 """GPU check: the pure-torch CICL training step at atlas scale (no Ray, no AnnData needed).
 
 Generates a clustered synthetic atlas directly on the device (``--cells`` x ``--genes``:
-negative binomial-like counts per cluster and their scaled log profile), then times the real
+Poisson counts per cluster and their scaled log profile), then times the real
 training step (``cicl.train.loop.train_step``) of ``--config``: ``default`` (one augmented
 view, MLP encoder, count decoder with the negative binomial loss, AdamW) or ``contrastive``
 (two views, encoder + projection, cluster-aware + instance loss), with bf16 autocast and TF32,
@@ -74,7 +74,12 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=1_000_000)
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--clusters", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8192, help="cells per step (2 views each)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=8192,
+        help="cells per step (two views each for a contrastive step)",
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument(

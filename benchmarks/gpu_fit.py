@@ -110,7 +110,9 @@ def fit_one(
     return res.labels, time.perf_counter() - t0, res.steps
 
 
-def dist_check(x, pcs, k, device, counts=None) -> tuple[dict, tuple[np.ndarray, float, int]]:
+def dist_check(
+    x, pcs, k, device, counts=None, overrides=None
+) -> tuple[dict, tuple[np.ndarray, float, int]]:
     """Train through TorchDistComm over a one-rank process group (NCCL on a GPU, gloo on the
     CPU) and compare with the plain run."""
     import torch.distributed as dist
@@ -124,10 +126,10 @@ def dist_check(x, pcs, k, device, counts=None) -> tuple[dict, tuple[np.ndarray, 
     dist.init_process_group(backend, rank=0, world_size=1)
     try:
         comm = TorchDistComm()
-        lab_d, sec_d, _ = fit_one(x, pcs, k, 0, device, comm, counts)
+        lab_d, sec_d, _ = fit_one(x, pcs, k, 0, device, comm, counts, overrides)
     finally:
         dist.destroy_process_group()
-    plain = fit_one(x, pcs, k, 0, device, counts=counts)
+    plain = fit_one(x, pcs, k, 0, device, counts=counts, overrides=overrides)
     lab_p, sec_p, _ = plain
     return {
         "backend": backend,
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
             _profile(x, pcs, k, args.device, out / "gpu_fit_profile.txt", counts)
         if args.dist_check and "dist" not in extra and f.stem == args.check_dataset:
             extra["dist"], plain = dist_check(
-                x, pcs, k, args.device, counts
+                x, pcs, k, args.device, counts, args.overrides
             )  # plain = seed 0's fit
             print("dist", json.dumps(extra["dist"]), flush=True)
         for seed in range(args.seed_start, args.seed_start + args.seeds):
@@ -184,7 +186,9 @@ def run(args: argparse.Namespace) -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
             if args.repeat_check and seed == 0 and "repeat" not in extra:
-                lab2, _, _ = fit_one(x, pcs, k, 0, args.device, counts=counts)
+                lab2, _, _ = fit_one(
+                    x, pcs, k, 0, args.device, counts=counts, overrides=args.overrides
+                )
                 extra["repeat"] = {
                     "dataset": f.stem,
                     "identical_labels": bool(np.array_equal(lab, lab2)),
