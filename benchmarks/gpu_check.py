@@ -103,7 +103,14 @@ def main() -> None:
     from cicl.model.augment import augment
     from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
     from cicl.model.modules import balanced_gene_groups
-    from cicl.train.loop import build_model, gene_loadings, recon_kind, recon_loss, train_step
+    from cicl.train.loop import (
+        build_model,
+        gene_loadings,
+        needs_two_views,
+        recon_kind,
+        recon_loss,
+        train_step,
+    )
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -117,8 +124,7 @@ def main() -> None:
     base = preset("contrastive") if args.config == "contrastive" else CICLConfig()
     cfg = base.with_overrides(over)
     recon = recon_kind(cfg, has_counts=True)
-    # the views a step encodes: two for a contrastive term, else one (as train_step does)
-    two = cfg.loss.instance_weight > 0 or cfg.loss.lam > 0
+    two = needs_two_views(cfg, cluster_term=cfg.loss.lam > 0)  # as train_step encodes them
     now = timer(device)
 
     t = now()

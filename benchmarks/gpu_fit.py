@@ -250,7 +250,7 @@ def _write(rows: list[dict], extra: dict, out: Path) -> None:
         )
     m = g[["ari", "seconds"]].mean()
     lines.append(f"| mean | **{m.ari.mean():.3f}** | | {m.seconds.sum():.0f} in all | | |")
-    for key in ("repeat", "dist", "stopped_early"):
+    for key in ("repeat", "dist", "stopped_early", "note"):
         if key in extra:
             lines.append(f"\n{key}: `{json.dumps(extra[key])}`")
     (out / "gpu_fit.md").write_text("\n".join(lines) + "\n")

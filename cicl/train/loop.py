@@ -536,6 +536,12 @@ def recon_loss(decoder: torch.nn.Module, out: torch.Tensor, target: tuple) -> to
     return gaussian_nll(target[0], out)
 
 
+def needs_two_views(cfg: CICLConfig, cluster_term: bool) -> bool:
+    """Whether a step encodes both augmented views: only a contrastive term (the instance
+    term, or the cluster-aware term once active) compares them; reconstruction needs one."""
+    return cfg.loss.instance_weight > 0 or cluster_term
+
+
 def train_step(
     net: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -555,7 +561,7 @@ def train_step(
     contrastive term this step, one view. Returns (instance, cluster, reconstruction) losses."""
     b = v1.shape[0]
     lo = cfg.loss
-    two = lo.instance_weight > 0 or pseudo is not None
+    two = needs_two_views(cfg, pseudo is not None)
     _, z, rec = net(torch.cat([v1, v2]) if two else v1)
     model = net.module if hasattr(net, "module") else net
     loss = z.sum() * 0.0  # keeps the projection head in the graph when it is unused (DDP)
