@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd
+from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd, split_minorities
 from cicl.comm import Comm, TorchDistComm
 
 
@@ -105,6 +105,37 @@ def test_distributed_empty_cluster_refill_agrees_across_ranks():
     c0, c1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
     assert torch.equal(c0, c1)
     assert torch.allclose(c0[2], torch.tensor([20.0, 20.0]))
+
+
+def _minority_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """A big blob holding a small distinct group (label 0) and a second blob (label 1),
+    rows shuffled so each rank holds part of every group."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.randn(300, 4, generator=g),
+            torch.randn(200, 4, generator=g) + torch.tensor([0.0, 30.0, 0.0, 0.0]),
+            torch.randn(12, 4, generator=g) * 0.3 + torch.tensor([12.0, 0.0, 0.0, 0.0]),
+        ]
+    )
+    labels = torch.tensor([0] * 300 + [1] * 200 + [0] * 12)
+    perm = torch.randperm(512, generator=g)
+    return x[perm], labels[perm]
+
+
+def _split_shards(comm: TorchDistComm, out: str) -> None:
+    x, labels = _minority_problem()
+    got = split_minorities(_split(x, comm.rank), _split(labels, comm.rank), 2, 3, seed=4, comm=comm)
+    torch.save(got, os.path.join(out, f"r{comm.rank}.pt"))
+
+
+def test_distributed_split_minorities_equals_single_process():
+    out = _spawn("_split_shards")
+    got = torch.cat([torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1)])
+    x, labels = _minority_problem()
+    single = split_minorities(x, labels, 2, 3, seed=4)
+    assert torch.equal(got, single)
+    assert int((single == 2).sum()) == 12  # the small group, cells from both ranks
 
 
 def _gather_grad(comm: TorchDistComm, out: str) -> None:

@@ -12,6 +12,7 @@ from cicl.cluster.kmeans import (
     kmeans_pp,
     lloyd,
     partial_stats,
+    split_minorities,
 )
 from cicl.cluster.ward import ward_labels, ward_seeds, weighted_ward
 from cicl.model.modules import student_t
@@ -148,3 +149,37 @@ def test_ward_start_escapes_the_kmeans_pp_optimum_on_imbalanced_classes(seed):
     assert best.inertia < plain.inertia  # the one objective decides, nothing else
     assert adjusted_rand_score(y, best.labels.numpy()) == pytest.approx(1.0)
     assert adjusted_rand_score(y, plain.labels.numpy()) < 0.9
+
+
+def _big_far_small(seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """A big blob, a second blob, and a small distinct group beside the big one (truth 0/1/2)."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(500, 4, generator=g)
+    other = torch.randn(300, 4, generator=g) + torch.tensor([0.0, 30.0, 0.0, 0.0])
+    small = torch.randn(15, 4, generator=g) * 0.3 + torch.tensor([12.0, 0.0, 0.0, 0.0])
+    truth = np.repeat([0, 1, 2], [500, 300, 15])
+    return torch.cat([big, other, small]), truth
+
+
+def test_split_minorities_spends_the_extra_cluster_on_the_small_distinct_group():
+    x, truth = _big_far_small()
+    start = torch.tensor(np.where(truth == 1, 1, 0))  # the small group hides in cluster 0
+    out = split_minorities(x, start, 2, 3, seed=0)
+    assert torch.equal(out, torch.tensor(truth))  # found exactly; nothing else moved
+    assert torch.equal(split_minorities(x, start, 2, 3, seed=0), out)  # seeded
+    assert torch.equal(split_minorities(x, start, 2, 2), start)  # already k: unchanged
+
+
+def test_split_minorities_falls_back_to_the_best_split_when_no_minority_qualifies():
+    """Two equal halves under one label: no side is <= max_frac, yet k clusters come back."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(200, 3, generator=g), torch.randn(200, 3, generator=g) + 20])
+    out = split_minorities(x, torch.zeros(400, dtype=torch.long), 1, 2)
+    assert adjusted_rand_score(np.repeat([0, 1], 200), out.numpy()) == 1.0
+    # a minority below min_size is not taken while a qualifying one exists
+    x2, truth = _big_far_small()
+    two_cells = torch.tensor([[0.0, 30.0, 40.0, 0.0], [0.0, 30.0, 40.5, 0.0]])
+    x2 = torch.cat([x2, two_cells])
+    start = torch.tensor(np.r_[np.where(truth == 1, 1, 0), 1, 1])
+    out2 = split_minorities(x2, start, 2, 3, min_size=3)
+    assert out2[-2:].tolist() == [1, 1] and (out2[800:815] == 2).all()
