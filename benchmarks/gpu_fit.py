@@ -34,6 +34,7 @@ def prepare(data: Path, out: Path) -> None:
     import anndata as ad
 
     from cicl.config import PreprocessConfig
+    from cicl.data.estimate import estimate_n_clusters
     from cicl.data.preprocess import preprocess
 
     out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +64,8 @@ def prepare(data: Path, out: Path) -> None:
             shape=np.array(x.shape),
             pcs=p.pcs.astype(np.float32),
             y=y,
+            # Leiden's community count for the K cap (cluster.cap_k), as `cicl fit` computes it
+            n_resolved=np.int64(estimate_n_clusters(p.pcs, seed=0)),
             **extra,
         )
         back = load(out / f"{path.stem}.npz")
@@ -156,12 +159,15 @@ def run(args: argparse.Namespace) -> None:
     for f in files:
         x, pcs, y, counts = load(f)
         k = len(np.unique(y))
+        ov = dict(args.overrides)  # files from before the K cap hold no count: K-means with K
+        if "n_resolved" in (stored := np.load(f)).files:
+            ov["cluster.n_resolved"] = int(stored["n_resolved"])
         plain = None
         if args.profile == f.stem:
             _profile(x, pcs, k, args.device, out / "gpu_fit_profile.txt", counts)
         if args.dist_check and "dist" not in extra and f.stem == args.check_dataset:
             extra["dist"], plain = dist_check(
-                x, pcs, k, args.device, counts, args.overrides
+                x, pcs, k, args.device, counts, ov
             )  # plain = seed 0's fit
             print("dist", json.dumps(extra["dist"]), flush=True)
         for seed in range(args.seed_start, args.seed_start + args.seeds):
@@ -170,7 +176,7 @@ def run(args: argparse.Namespace) -> None:
                 break
             fit = plain if seed == 0 and plain is not None else None
             lab, sec, steps = fit or fit_one(
-                x, pcs, k, seed, args.device, counts=counts, overrides=args.overrides
+                x, pcs, k, seed, args.device, counts=counts, overrides=ov
             )
             rows.append(
                 {
@@ -186,9 +192,7 @@ def run(args: argparse.Namespace) -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
             if args.repeat_check and seed == 0 and "repeat" not in extra:
-                lab2, _, _ = fit_one(
-                    x, pcs, k, 0, args.device, counts=counts, overrides=args.overrides
-                )
+                lab2, _, _ = fit_one(x, pcs, k, 0, args.device, counts=counts, overrides=ov)
                 extra["repeat"] = {
                     "dataset": f.stem,
                     "identical_labels": bool(np.array_equal(lab, lab2)),

@@ -65,12 +65,13 @@ def _job(args: tuple) -> list[dict]:
 
         cfg = preset(PRESET_OF[method]) if method in PRESET_OF else CICLConfig()
         cfg = cfg.with_overrides({**overrides, "seed": seed, "train.device": "cpu"})
-        if method == "cicl_est_k":
-            from cicl.api import _choose_k
+        from cicl.api import _choose_k, resolve_cap
 
-            k_fit, _ = _choose_k(cfg, pcs)  # what `cicl fit` does without --n-clusters
+        if method == "cicl_est_k":
+            k_fit, source = _choose_k(cfg, pcs)  # what `cicl fit` does without --n-clusters
         else:
-            k_fit = k
+            k_fit, source = k, "given"
+        cfg = resolve_cap(cfg, pcs, k_fit, source)  # as `cicl fit` does
         labels = train(x, pcs, k_fit, cfg, counts=counts).labels
     else:
         import baselines

@@ -21,7 +21,7 @@ from cicl.reference import model_record
 
 if TYPE_CHECKING:
     from cicl.distributed import RayOptions
-from cicl.train.loop import TrainResult, train
+from cicl.train.loop import TrainResult, main_k, train
 
 
 def fit(
@@ -75,6 +75,8 @@ def fit(
     keep_map = cfg.preprocess.batch_key is not None
     prep = preprocess(adata, cfg.preprocess, layer=layer, keep_combat_map=keep_map)
     k, source = _choose_k(cfg, prep.pcs)
+    cfg = resolve_cap(cfg, prep.pcs, k, source)
+    source = cap_note(cfg, k, source)
     check_recon(cfg, prep.counts is not None, prep.info["values"])
     if workers is not None and ray_options is None:
         ray_options = RayOptions(workers=workers)
@@ -115,6 +117,38 @@ def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
 
         return estimate_n_clusters(pcs, seed=cfg.seed), "estimated: Leiden(resolution=1.0) on PCA"
     return k, "given"
+
+
+CAP_MAX_CELLS = 50_000  # the cap's Leiden needs an exact kNN graph: minutes beyond this
+
+
+def resolve_cap(cfg: CICLConfig, pcs: np.ndarray, k: int, source: str) -> CICLConfig:
+    """Fill ``cluster.n_resolved`` for ``cluster.cap_k: leiden``: the number of communities
+    scanpy's default Leiden finds on the PCA (the K estimate itself when K was estimated).
+    Skipped above ``CAP_MAX_CELLS`` cells unless set by hand."""
+    c = cfg.cluster
+    if c.cap_k == "off" or c.n_resolved is not None:
+        return cfg
+    if source != "given":
+        n_res = k
+    elif pcs.shape[0] > CAP_MAX_CELLS:
+        return cfg
+    else:
+        from cicl.data.estimate import estimate_n_clusters
+
+        n_res = estimate_n_clusters(pcs, seed=cfg.seed)
+    return cfg.with_overrides({"cluster.n_resolved": int(n_res)})
+
+
+def cap_note(cfg: CICLConfig, k: int, source: str) -> str:
+    """``n_clusters_source`` plus, when the cap applies, how the K clusters were formed."""
+    k_main = main_k(cfg, k)
+    if k_main >= k:
+        return source
+    return (
+        f"{source}; the data resolve {k_main} (Leiden), the other {k - k_main} are minority "
+        "sub-groups split off them (cluster.cap_k)"
+    )
 
 
 def write_result(
@@ -222,6 +256,8 @@ def fit_h5ad_stream(
     check_recon(cfg, transform.kind == "counts", prep.info["values"])
     if cfg.cluster.n_clusters is None:
         source += f" of a {prep.x.shape[0]}-cell sample"
+    cfg = resolve_cap(cfg, prep.pcs, k, source)  # Leiden's count on the same sample
+    source = cap_note(cfg, k, source)
     groups, pca_init = model_init(prep.x, prep.pcs, cfg)
     mean = prep.pcs.mean(0)
     rms = float(np.sqrt(((prep.pcs - mean) ** 2).sum(1).mean()))

@@ -635,7 +635,7 @@ def _int_at_least(name: str, value: str, low: int) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cicl.api import _choose_k, write_result
+    from cicl.api import _choose_k, resolve_cap, write_result
     from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
     from cicl.data.preprocess import preprocess
     from cicl.reference import model_record, prep_record
@@ -680,6 +680,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if truth is not None:
         truth = truth[prep.cell_mask]
     k_est, source = _choose_k(base, prep.pcs)
+    base = resolve_cap(base, prep.pcs, k_est, source)  # every trial's K is capped alike
     opts = SweepOptions(
         trials=trials,
         space=args.space,

@@ -164,6 +164,15 @@ class ClusterConfig:
     # inertia is lower than the best k-means++ restart's (same objective, a better start on
     # imbalanced data: k-means++ keeps splitting a large class where Ward seeds small ones)
     ward_start: bool = True
+    # K above what the data resolve: when the given K exceeds the number of communities
+    # scanpy's default Leiden finds (resolution 1 on the PCA, clusters of >= max(3, 0.5 %) of
+    # the cells; ``n_resolved``), the final K-means forms that many clusters and the remaining
+    # ones are minority sub-groups split off them (``split_minorities``), instead of halves of
+    # large populations. "off": K-means with K, as asked
+    cap_k: Literal["leiden", "off"] = "leiden"
+    # that community count; filled in by ``cicl.fit`` (and the sweeps) from ``cap_k``; a
+    # number fixes it; None: no cap (what calling ``train`` directly without it does)
+    n_resolved: int | None = None
     kmeans_sample: int = 50_000  # streaming: K-means fitted on this many cells, all assigned
     max_iter: int = 100
     pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
@@ -182,6 +191,7 @@ class ClusterConfig:
         _check(
             self.final_n_init is None or self.final_n_init >= 1, "cluster.final_n_init must be >= 1"
         )
+        _check(self.n_resolved is None or self.n_resolved >= 1, "cluster.n_resolved must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ def test_shared_datasets_are_valid_and_detected(data_dir):
         ("pollen", 11, 0.80, []),
         # the count decoder's gain: 0.47 with the earlier contrastive default (3-seed means)
         ("young_kidney", 11, 0.58, []),
+        # 13 classes, 9 resolved by Leiden: the K cap's case (0.66 without it, 3-seed means)
+        ("baron_mouse1", 13, 0.75, []),
         ("biase", 4, 0.60, ["--preset", "reference"]),
     ],
 )
@@ -60,3 +62,6 @@ def test_fit_real_dataset_ari_floor(data_dir, tmp_path, capsys, name, k, floor, 
     assert r["ari"] >= floor, r
     res = ad.read_h5ad(out)
     assert res.obs["cicl"].nunique() == k
+    if name == "baron_mouse1":  # the summary says how the 13 clusters were formed
+        assert "the data resolve" in res.uns["cicl"]["n_clusters_source"]
+        assert res.uns["cicl"]["params"]["cluster"]["n_resolved"] < k

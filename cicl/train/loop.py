@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
-from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
+from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd, split_minorities
 from cicl.cluster.ward import ward_labels, ward_seeds
 from cicl.comm import Comm
 from cicl.config import CICLConfig
@@ -123,10 +123,34 @@ def final_restarts(cfg: CICLConfig, n_cells: int) -> int:
     return int(min(100, max(cfg.cluster.n_init, 200_000 // max(n_cells, 1))))
 
 
+def main_k(cfg: CICLConfig, k: int) -> int:
+    """Clusters the final K-means forms: K, or fewer when ``cluster.cap_k`` is on and the data
+    resolve fewer (``cluster.n_resolved``); the rest are split off as minority sub-groups."""
+    if cfg.cluster.cap_k == "off" or cfg.cluster.n_resolved is None:
+        return k
+    return max(1, min(k, cfg.cluster.n_resolved))
+
+
 def final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -> KMeansResult:
-    """The final partition: the lowest-inertia of ``final_restarts`` k-means++ restarts and
-    (``cluster.ward_start``) one Lloyd run from Ward's centroids. One objective, more starts:
-    nothing here looks at anything but the inertia."""
+    """The final partition: K-means with ``main_k`` clusters, then, if that is fewer than
+    ``k``, minority sub-groups split off until there are ``k`` (``split_minorities``)."""
+    k_main = main_k(cfg, k)
+    res = _final_kmeans(h, k_main, cfg, n, comm)
+    if k_main >= k:
+        return res
+    labels = split_minorities(h, res.labels, k_main, k, seed=cfg.seed, comm=comm)
+    sums = torch.zeros(k, h.shape[1], dtype=torch.float64, device=h.device)
+    sums = comm.sum(sums.index_add_(0, labels, h.to(torch.float64)))
+    counts = comm.sum(torch.bincount(labels, minlength=k).to(torch.float64))
+    cents = (sums / counts.clamp_min(1)[:, None]).to(h.dtype)
+    inertia = float(comm.sum(((h - cents[labels]) ** 2).sum().to(torch.float64)))
+    return KMeansResult(cents, labels, inertia, res.n_iter)
+
+
+def _final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -> KMeansResult:
+    """The lowest-inertia of ``final_restarts`` k-means++ restarts and (``cluster.ward_start``)
+    one Lloyd run from Ward's centroids. One objective, more starts: nothing here looks at
+    anything but the inertia."""
     best = kmeans(
         h, k, n_init=final_restarts(cfg, n), max_iter=cfg.cluster.max_iter, seed=cfg.seed, comm=comm
     )
