@@ -123,19 +123,33 @@ def _minority_problem() -> tuple[torch.Tensor, torch.Tensor]:
     return x[perm], labels[perm]
 
 
-def _split_shards(comm: TorchDistComm, out: str) -> None:
+def _minority_problem_sorted() -> tuple[torch.Tensor, torch.Tensor]:
+    """The same, label 1 last: rank 0 (the first 250 rows) holds none of cluster 1."""
     x, labels = _minority_problem()
-    got = split_minorities(_split(x, comm.rank), _split(labels, comm.rank), 2, 3, seed=4, comm=comm)
-    torch.save(got, os.path.join(out, f"r{comm.rank}.pt"))
+    order = torch.argsort(labels, stable=True)
+    return x[order], labels[order]
+
+
+def _split_shards(comm: TorchDistComm, out: str) -> None:
+    for name, (x, labels) in {
+        "mixed": _minority_problem(),
+        "sorted": _minority_problem_sorted(),
+    }.items():
+        xs, ls = _split(x, comm.rank), _split(labels, comm.rank)
+        got = split_minorities(xs, ls, 2, 3, seed=4, comm=comm)
+        torch.save(got, os.path.join(out, f"{name}{comm.rank}.pt"))
 
 
 def test_distributed_split_minorities_equals_single_process():
     out = _spawn("_split_shards")
-    got = torch.cat([torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1)])
-    x, labels = _minority_problem()
-    single = split_minorities(x, labels, 2, 3, seed=4)
-    assert torch.equal(got, single)
-    assert int((single == 2).sum()) == 12  # the small group, cells from both ranks
+    for name, (x, labels) in {
+        "mixed": _minority_problem(),
+        "sorted": _minority_problem_sorted(),  # a cluster with no cells on one rank
+    }.items():
+        got = torch.cat([torch.load(os.path.join(out, f"{name}{r}.pt")) for r in (0, 1)])
+        single = split_minorities(x, labels, 2, 3, seed=4)
+        assert torch.equal(got, single), name
+        assert int((single == 2).sum()) == 12, name  # the small group
 
 
 def _gather_grad(comm: TorchDistComm, out: str) -> None:

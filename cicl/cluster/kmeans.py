@@ -35,7 +35,10 @@ def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def assign(
     x: torch.Tensor, c: torch.Tensor, chunk: int = 65536
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid and its squared distance, in chunks so memory stays O(chunk * k)."""
+    """Nearest centroid and its squared distance, in chunks so memory stays O(chunk * k).
+    An empty shard (a rank holding none of a cluster's cells) gives empty results."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, dtype=torch.long), x.new_zeros(0)
     labs, dists = [], []
     for i in range(0, x.shape[0], chunk):
         d = sq_dists(x[i : i + chunk], c)
