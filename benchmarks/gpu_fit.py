@@ -64,7 +64,8 @@ def prepare(data: Path, out: Path) -> None:
             shape=np.array(x.shape),
             pcs=p.pcs.astype(np.float32),
             y=y,
-            # Leiden's community count for the K cap (cluster.cap_k), as `cicl fit` computes it
+            # Leiden's community count for the K cap (cluster.cap_k), as `cicl fit` computes
+            # it, with seed 0 for every seed (`cicl fit` counts with the run's seed)
             n_resolved=np.int64(estimate_n_clusters(p.pcs, seed=0)),
             **extra,
         )

@@ -67,11 +67,10 @@ def _job(args: tuple) -> list[dict]:
         cfg = cfg.with_overrides({**overrides, "seed": seed, "train.device": "cpu"})
         from cicl.api import _choose_k, resolve_cap
 
-        if method == "cicl_est_k":
-            k_fit, source = _choose_k(cfg, pcs)  # what `cicl fit` does without --n-clusters
-        else:
-            k_fit, source = k, "given"
-        cfg = resolve_cap(cfg, pcs, k_fit, source)  # as `cicl fit` does
+        estimated = method == "cicl_est_k"
+        # without --n-clusters `cicl fit` estimates K; either way it fills the K cap's count
+        k_fit = _choose_k(cfg, pcs)[0] if estimated else k
+        cfg = resolve_cap(cfg, pcs, k_fit, estimated=estimated)
         labels = train(x, pcs, k_fit, cfg, counts=counts).labels
     else:
         import baselines

@@ -74,8 +74,9 @@ def fit(
     # with a batch key, keep ComBat's map: stored with the model, so ``predict`` can apply it
     keep_map = cfg.preprocess.batch_key is not None
     prep = preprocess(adata, cfg.preprocess, layer=layer, keep_combat_map=keep_map)
+    estimated = cfg.cluster.n_clusters is None
     k, source = _choose_k(cfg, prep.pcs)
-    cfg = resolve_cap(cfg, prep.pcs, k, source)
+    cfg = resolve_cap(cfg, prep.pcs, k, estimated=estimated)
     source = cap_note(cfg, k, source)
     check_recon(cfg, prep.counts is not None, prep.info["values"])
     if workers is not None and ray_options is None:
@@ -122,14 +123,14 @@ def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
 CAP_MAX_CELLS = 50_000  # the cap's Leiden needs an exact kNN graph: minutes beyond this
 
 
-def resolve_cap(cfg: CICLConfig, pcs: np.ndarray, k: int, source: str) -> CICLConfig:
+def resolve_cap(cfg: CICLConfig, pcs: np.ndarray, k: int, *, estimated: bool) -> CICLConfig:
     """Fill ``cluster.n_resolved`` for ``cluster.cap_k: leiden``: the number of communities
-    scanpy's default Leiden finds on the PCA (the K estimate itself when K was estimated).
-    Skipped above ``CAP_MAX_CELLS`` cells unless set by hand."""
+    scanpy's default Leiden finds on the PCA (``k`` itself when K was ``estimated``, which is
+    that count). Skipped above ``CAP_MAX_CELLS`` cells unless set by hand."""
     c = cfg.cluster
     if c.cap_k == "off" or c.n_resolved is not None:
         return cfg
-    if source != "given":
+    if estimated:
         n_res = k
     elif pcs.shape[0] > CAP_MAX_CELLS:
         return cfg
@@ -256,7 +257,7 @@ def fit_h5ad_stream(
     check_recon(cfg, transform.kind == "counts", prep.info["values"])
     if cfg.cluster.n_clusters is None:
         source += f" of a {prep.x.shape[0]}-cell sample"
-    cfg = resolve_cap(cfg, prep.pcs, k, source)  # Leiden's count on the same sample
+    cfg = resolve_cap(cfg, prep.pcs, k, estimated=cfg.cluster.n_clusters is None)  # the sample
     source = cap_note(cfg, k, source)
     groups, pca_init = model_init(prep.x, prep.pcs, cfg)
     mean = prep.pcs.mean(0)

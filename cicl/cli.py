@@ -680,7 +680,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if truth is not None:
         truth = truth[prep.cell_mask]
     k_est, source = _choose_k(base, prep.pcs)
-    base = resolve_cap(base, prep.pcs, k_est, source)  # every trial's K is capped alike
+    # every trial's K is capped alike
+    base = resolve_cap(base, prep.pcs, k_est, estimated=base.cluster.n_clusters is None)
     opts = SweepOptions(
         trials=trials,
         space=args.space,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
 
 import cicl.api as api
 from cicl.comm import Comm
@@ -32,19 +33,19 @@ def test_main_k_caps_only_when_on_and_resolved():
 
 def test_resolve_cap_counts_leiden_communities_for_a_given_k():
     pcs, cfg = _pcs(), CICLConfig()
-    got = api.resolve_cap(cfg, pcs, 6, "given").cluster.n_resolved
+    got = api.resolve_cap(cfg, pcs, 6, estimated=False).cluster.n_resolved
     assert got == estimate_n_clusters(pcs, seed=cfg.seed) and got < 6  # 3 blobs, not 6
     # an estimated K is Leiden's count already; a number set by hand or "off" is kept
-    assert api.resolve_cap(cfg, pcs, 4, "estimated (Leiden)").cluster.n_resolved == 4
+    assert api.resolve_cap(cfg, pcs, 4, estimated=True).cluster.n_resolved == 4
     fixed = cfg.with_overrides({"cluster.n_resolved": 9})
-    assert api.resolve_cap(fixed, pcs, 6, "given").cluster.n_resolved == 9
+    assert api.resolve_cap(fixed, pcs, 6, estimated=False).cluster.n_resolved == 9
     off = cfg.with_overrides({"cluster.cap_k": "off"})
-    assert api.resolve_cap(off, pcs, 6, "given").cluster.n_resolved is None
+    assert api.resolve_cap(off, pcs, 6, estimated=False).cluster.n_resolved is None
 
 
 def test_resolve_cap_skips_atlases_above_the_cell_limit(monkeypatch):
     monkeypatch.setattr(api, "CAP_MAX_CELLS", 100)
-    assert api.resolve_cap(CICLConfig(), _pcs(), 6, "given").cluster.n_resolved is None
+    assert api.resolve_cap(CICLConfig(), _pcs(), 6, estimated=False).cluster.n_resolved is None
 
 
 def test_cap_note_says_how_the_clusters_were_formed():
@@ -65,8 +66,6 @@ def test_final_kmeans_keeps_a_large_population_whole():
     h = torch.cat([big, other, small])
     truth = np.repeat([0, 1, 2], [600, 300, 20])
     cfg = CICLConfig().with_overrides({"cluster.n_init": 3})
-    from sklearn.metrics import adjusted_rand_score
-
     plain = final_kmeans(h, 3, cfg, len(h), Comm())
     capped = final_kmeans(h, 3, cfg.with_overrides({"cluster.n_resolved": 2}), len(h), Comm())
     assert adjusted_rand_score(truth, plain.labels.numpy()) < 0.8  # K-means halves the big one

@@ -59,6 +59,19 @@ def partial_stats(
     return sums, counts, dist.sum().to(torch.float64), lab, dist
 
 
+def fit_labels(x: torch.Tensor, labels: torch.Tensor, k: int, comm: Comm = LOCAL) -> KMeansResult:
+    """Centroids and inertia of a given partition (K-means' update step for fixed labels),
+    summed over all shards; ``n_iter`` 0. An empty cluster's centroid is 0."""
+    xd = x.to(torch.float64)
+    sums = comm.sum(
+        torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, xd)
+    )
+    counts = comm.sum(torch.bincount(labels, minlength=k).to(torch.float64))
+    cents = sums / counts.clamp_min(1)[:, None]
+    inertia = float(comm.sum(((xd - cents[labels]) ** 2).sum()))
+    return KMeansResult(cents.to(x.dtype), labels, inertia, 0)
+
+
 def _offset(n_local: int, comm: Comm) -> int:
     """Global index of this rank's first row when shards are concatenated in rank order."""
     sizes = comm.gather(torch.tensor([n_local], dtype=torch.long))
@@ -311,7 +324,7 @@ def _split_candidates(
     if n_c < 2:
         return []
     xc = x[mask]
-    sse = _sse(xc, comm)
+    sse = fit_labels(xc, torch.zeros(len(xc), dtype=torch.long, device=x.device), 1, comm).inertia
     out = []
     for i in range(n_init):
         two = kmeans(xc, 2, n_init=1, seed=seed + i, comm=comm)
@@ -321,11 +334,3 @@ def _split_candidates(
             _Split(sse - two.inertia, int(sizes[small]), n_c, parent, mask, two.labels == small)
         )
     return out
-
-
-def _sse(x: torch.Tensor, comm: Comm) -> float:
-    """Sum of squared distances to the mean, over all shards."""
-    xd = x.to(torch.float64)
-    n = comm.sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-    s1, s2 = comm.sum(xd.sum(0)), comm.sum(xd.pow(2).sum())
-    return float(s2 - (s1 * s1).sum() / n.clamp_min(1))

@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
-from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd, split_minorities
+from cicl.cluster.kmeans import KMeansResult, fit_labels, kmeans, lloyd, split_minorities
 from cicl.cluster.ward import ward_labels, ward_seeds
 from cicl.comm import Comm
 from cicl.config import CICLConfig
@@ -139,12 +139,7 @@ def final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -
     if k_main >= k:
         return res
     labels = split_minorities(h, res.labels, k_main, k, seed=cfg.seed, comm=comm)
-    sums = torch.zeros(k, h.shape[1], dtype=torch.float64, device=h.device)
-    sums = comm.sum(sums.index_add_(0, labels, h.to(torch.float64)))
-    counts = comm.sum(torch.bincount(labels, minlength=k).to(torch.float64))
-    cents = (sums / counts.clamp_min(1)[:, None]).to(h.dtype)
-    inertia = float(comm.sum(((h - cents[labels]) ** 2).sum().to(torch.float64)))
-    return KMeansResult(cents, labels, inertia, res.n_iter)
+    return replace(fit_labels(h, labels, k, comm), n_iter=res.n_iter)
 
 
 def _final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -> KMeansResult:
