@@ -96,6 +96,14 @@ def _job(args: tuple) -> list[dict]:
     ]
 
 
+def merge_rows(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``old`` with the (method, dataset) pairs in ``new`` replaced by ``new``'s rows, so a
+    rerun of some methods on some datasets (``--merge --datasets``) keeps everything else."""
+    ran = set(zip(new.method, new.dataset, strict=True))
+    keep = [pair not in ran for pair in zip(old.method, old.dataset, strict=True)]
+    return pd.concat([old[keep], new], ignore_index=True)
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     g = df.groupby(["dataset", "method"])
     s = g[["ari", "nmi", "seconds"]].agg(["mean", "std"]).reset_index()
@@ -224,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--merge",
         action="store_true",
-        help="keep other methods' rows from an existing quality.csv in --out and "
-        "replace only the methods run now (e.g. rerun CICL after a change)",
+        help="keep the rows of an existing quality.csv in --out and replace only the "
+        "(method, dataset) pairs run now (e.g. rerun CICL after a change)",
     )
     args = ap.parse_args(argv)
     import anndata as ad
@@ -259,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     if args.merge and (out / "quality.csv").exists():
         old = pd.read_csv(out / "quality.csv")
-        ran = [args.name] if args.name else methods
-        df = pd.concat([old[~old.method.isin(ran)], df], ignore_index=True)
+        df = merge_rows(old, df)
         extra = sorted(set(df.method) - set(METHODS))  # ablation rows (--set/--name)
         methods = [m for m in METHODS if m in set(df.method)] + extra
     elif args.name:

@@ -353,15 +353,15 @@ def preset(name: str) -> CICLConfig:
     """Named configurations. ``reference`` reproduces the official code's behaviour;
     ``contrastive`` is the paper's method as this package ran it by default before the count
     decoder (gene-module Transformer, NT-Xent + the paper's cluster-aware loss after warm-up,
-    no reconstruction, PCA block at weight 2, final K-means without the Ward start), kept for
-    comparison."""
+    no reconstruction, PCA block at weight 2, final K-means with K and without the Ward start),
+    kept for comparison. Neither uses the final step's later additions (Ward start, K cap)."""
     if name == "default":
         return CICLConfig()
     if name == "contrastive":
         return CICLConfig(
             model=ModelConfig(encoder="transformer"),
             loss=LossConfig(recon="off", instance_weight=1.0, lam=1.0),
-            cluster=ClusterConfig(pca_weight=2.0, ward_start=False),
+            cluster=ClusterConfig(pca_weight=2.0, ward_start=False, cap_k="off"),
         )
     if name == "reference":
         return CICLConfig(
@@ -386,6 +386,7 @@ def preset(name: str) -> CICLConfig:
                 final="kmeans",
                 space="euclidean",
                 ward_start=False,
+                cap_k="off",
             ),
             train=TrainConfig(epochs=51, batch_size=6000, lr=1e-4, weight_decay=1e-3),
         )

@@ -30,6 +30,10 @@ def test_reference_preset_reproduces_code_switches(tmp_path):
     assert ref.cluster.recluster_every is None
     assert ref.augment.resample == "static"
     assert ref.loss.cluster_loss == "code" and ref.loss.instance_loss == "code"
+    # the code's final step is K-means with K: none of the later additions to it
+    for name in ("reference", "contrastive"):
+        c = preset(name).cluster
+        assert c.cap_k == "off" and not c.ward_start, name
     p = tmp_path / "r.yaml"
     p.write_text("preset: reference\nseed: 3\n")
     cfg = load_config(p)

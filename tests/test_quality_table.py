@@ -1,5 +1,6 @@
 """The quality benchmark's table writer: the full run's summary lines, and an ablation run on
-its own (``--set ... --name``, no baselines or ``cicl`` rows) must still write its table."""
+its own (``--set ... --name``, no baselines or ``cicl`` rows) must still write its table; a
+``--merge`` rerun replaces only the (method, dataset) pairs it ran."""
 
 import sys
 from pathlib import Path
@@ -45,3 +46,15 @@ def test_an_ablation_alone_writes_its_table_and_its_own_times():
     assert "| mean | **0.505** | |" in md
     assert "Best baseline" not in md
     assert "`cicl_x` training seconds (1 thread, per seed): big 1, small 1." in md
+
+
+def test_merge_replaces_only_the_method_dataset_pairs_rerun():
+    old = _rows(["cicl", "kmeans_pca"])
+    new = _rows(["cicl"])
+    new = new[new.dataset == "small"].assign(ari=0.9)
+    merged = quality.merge_rows(old, new)
+    assert len(merged) == len(old)
+    cicl = merged[merged.method == "cicl"].groupby("dataset").ari.mean()
+    assert cicl["small"] == 0.9  # rerun
+    assert abs(cicl["big"] - 0.505) < 1e-9  # kept: a --datasets rerun must not drop it
+    assert (merged[merged.method == "kmeans_pca"].ari > 0.69).all()
