@@ -74,9 +74,8 @@ def fit(
     # with a batch key, keep ComBat's map: stored with the model, so ``predict`` can apply it
     keep_map = cfg.preprocess.batch_key is not None
     prep = preprocess(adata, cfg.preprocess, layer=layer, keep_combat_map=keep_map)
-    estimated = cfg.cluster.n_clusters is None
     k, source = _choose_k(cfg, prep.pcs)
-    cfg = resolve_cap(cfg, prep.pcs, k, estimated=estimated)
+    cfg = resolve_cap(cfg, prep.pcs, k, estimated=cfg.cluster.n_clusters is None)
     source = cap_note(cfg, k, source)
     check_recon(cfg, prep.counts is not None, prep.info["values"])
     if workers is not None and ray_options is None:

@@ -130,11 +130,13 @@ def _minority_problem_sorted() -> tuple[torch.Tensor, torch.Tensor]:
     return x[order], labels[order]
 
 
+def _split_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Cells mixed over both ranks, and sorted so that one rank holds none of a cluster."""
+    return {"mixed": _minority_problem(), "sorted": _minority_problem_sorted()}
+
+
 def _split_shards(comm: TorchDistComm, out: str) -> None:
-    for name, (x, labels) in {
-        "mixed": _minority_problem(),
-        "sorted": _minority_problem_sorted(),
-    }.items():
+    for name, (x, labels) in _split_cases().items():
         xs, ls = _split(x, comm.rank), _split(labels, comm.rank)
         got = split_minorities(xs, ls, 2, 3, seed=4, comm=comm)
         torch.save(got, os.path.join(out, f"{name}{comm.rank}.pt"))
@@ -142,10 +144,7 @@ def _split_shards(comm: TorchDistComm, out: str) -> None:
 
 def test_distributed_split_minorities_equals_single_process():
     out = _spawn("_split_shards")
-    for name, (x, labels) in {
-        "mixed": _minority_problem(),
-        "sorted": _minority_problem_sorted(),  # a cluster with no cells on one rank
-    }.items():
+    for name, (x, labels) in _split_cases().items():
         got = torch.cat([torch.load(os.path.join(out, f"{name}{r}.pt")) for r in (0, 1)])
         single = split_minorities(x, labels, 2, 3, seed=4)
         assert torch.equal(got, single), name
