@@ -41,18 +41,21 @@ def thin(adata, median: float, seed: int = 0):
     the same cells sequenced shallower. Cells left with no counts are dropped."""
     import anndata as ad
 
+    from cicl.data.preprocess import detect_values
+
     x = sp.csr_matrix(adata.X)
-    if x.nnz and not np.allclose(x.data, np.round(x.data)):
+    if detect_values(x) != "counts":
         raise ValueError("thinning needs raw counts (non-negative integers) in X")
     totals = np.asarray(x.sum(1)).ravel()
-    p = min(1.0, median / float(np.median(totals)))
+    median_before = float(np.median(totals))
+    p = min(1.0, median / median_before)
     x = x.astype(np.int64)
     x.data = np.random.default_rng(seed).binomial(x.data, p)
     x.eliminate_zeros()
     keep = np.asarray(x.sum(1)).ravel() > 0
     out = ad.AnnData(x.astype(np.float32), obs=adata.obs.copy(), var=adata.var.copy())
     out = out[keep].copy()
-    out.uns["thinned"] = {"p": p, "median_before": float(np.median(totals))}
+    out.uns["thinned"] = {"p": p, "median_before": median_before}
     return out
 
 
@@ -70,15 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    written = 0
     for name in filter(None, args.subsample.split(",")):
         a = ad.read_h5ad(Path(args.data) / f"{name}.h5ad")
         for n in (int(s) for s in args.sizes.split(",")):
             if n < a.n_obs:
                 subsample(a, n, args.seed).write_h5ad(out / f"{name}_{n}.h5ad")
+                written += 1
     for name in filter(None, args.thin.split(",")):
         a = ad.read_h5ad(Path(args.data) / f"{name}.h5ad")
         thin(a, args.median, args.seed).write_h5ad(out / f"{name}_thin.h5ad")
-    print(f"wrote {len(list(out.glob('*.h5ad')))} datasets to {out}")
+        written += 1
+    print(f"wrote {written} datasets to {out}")
     return 0
 
 
