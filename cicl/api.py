@@ -186,6 +186,7 @@ def write_result(
         "workers": int(workers),
         "device": res.device,
         "decoder": res.decoder,
+        **({} if res.pca_weight is None else {"pca_weight": float(res.pca_weight)}),
         "timings": {k: float(v) for k, v in res.timings.items()},
     }
     if model is not None:

@@ -566,8 +566,19 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "workers": int(info["workers"]),
         "device": str(info.get("device", "cpu")),
         "decoder": str(info.get("decoder", "off")),
+        **(
+            {"pca_weight": float(info["pca_weight"]), "pca_weight_source": _weight_source(info)}
+            if "pca_weight" in info
+            else {}
+        ),
         **({"silhouette_pca": float(info["silhouette_pca"])} if "silhouette_pca" in info else {}),
     }
+
+
+def _weight_source(info: dict) -> str:
+    """Whether the hybrid space's PCA weight was the user's or the cell-count rule's."""
+    set_ = info.get("params", {}).get("cluster", {}).get("pca_weight", "none")
+    return "by cell count" if set_ in (None, "none") else "as set"
 
 
 def _summary(obs, key: str, r: dict[str, Any]) -> None:
@@ -584,6 +595,12 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
         + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
         + f"total {r['seconds']:.1f} s",
     ]
+    if "pca_weight" in r:
+        lines.append(
+            f"  clustering space: embedding + PCA block at weight {r['pca_weight']:.2f} "
+            f"({r['pca_weight_source']}; "
+            "`--set cluster.pca_weight=W` changes it)"
+        )
     if "silhouette_pca" in r:
         lines.append(
             f"  label-free: silhouette {r['silhouette_pca']:.3f} in PCA space "

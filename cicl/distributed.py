@@ -257,6 +257,7 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         pca_scale=meta.get("pca_scale", 1.0),
         device=meta.get("device", "cpu"),
         decoder=meta.get("decoder", "off"),
+        pca_weight=meta.get("pca_weight"),
     )
 
 
@@ -375,6 +376,7 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "pca_scale": res.pca_scale,
         "device": res.device,
         "decoder": res.decoder,
+        "pca_weight": res.pca_weight,
     }
     tmp = out / ".encoder.tmp.npz"  # the trained encoder, for predicting new cells
     np.savez(tmp, **res.encoder_state)

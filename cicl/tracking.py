@@ -320,6 +320,8 @@ def log_fit(
         "values": info["preprocess"]["values"],
         "n_genes_used": int(info["preprocess"]["n_genes_used"]),
         "workers": int(info.get("workers", 1)),
+        # the hybrid space's PCA weight as used (``cluster.pca_weight`` is None under the rule)
+        **({"pca_weight": float(info["pca_weight"])} if "pca_weight" in info else {}),
         **(params or {}),
     }
     hist = info.get("history")

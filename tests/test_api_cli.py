@@ -6,7 +6,9 @@ import pytest
 
 import cicl
 from cicl.cli import main
+from cicl.config import CICLConfig
 from cicl.data.synthetic import synthetic_adata
+from cicl.train.loop import cluster_pca_weight
 
 
 @pytest.fixture
@@ -89,6 +91,10 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
     want = "nb" if line["values"] == "counts" else "gaussian"
     assert line["decoder"] == res.uns["cicl"]["decoder"] == want
     assert f"decoder {want}" in cap.err
+    # the hybrid space's PCA weight the cell-count rule chose is reported, not hidden
+    w = cluster_pca_weight(CICLConfig(), line["n_cells"])
+    assert line["pca_weight"] == pytest.approx(w) == res.uns["cicl"]["pca_weight"]
+    assert line["pca_weight_source"] == "by cell count" and f"weight {w:.2f}" in cap.err
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,7 @@ def test_cli_fit_with_workers(data_dir, local_ray, tmp_path):
     assert a.uns["cicl"]["workers"] == 2 and a.uns["cicl"]["device"] == "cpu"  # via meta.json
     counts = a.uns["cicl"]["preprocess"]["values"] == "counts"
     assert a.uns["cicl"]["decoder"] == ("nb" if counts else "gaussian")  # the workers' choice
+    assert a.uns["cicl"]["pca_weight"] == 2.0  # 56 cells: the rule's small-set weight
     assert a.obs["cicl"].nunique() == 4
     # rank 0 hands back the trained encoder: the fit is a reference for new cells
     b = ad.read_h5ad(data_dir / "biase.h5ad")

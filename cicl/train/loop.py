@@ -55,6 +55,9 @@ class TrainResult:
     # what the decoder reconstructed ("nb": raw counts, "gaussian": the scaled input, "off"):
     # ``loss.recon: auto`` decides from the input, so the result says what it chose
     decoder: str = "off"
+    # the hybrid space's PCA-block weight (``cluster_pca_weight``: set, or by cell count), so
+    # users see what the rule chose; None for the other spaces
+    pca_weight: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -418,6 +421,7 @@ def train(
         pca_scale=pca_scale,
         device=device_name(device),
         decoder=recon or "off",
+        pca_weight=cluster_pca_weight(cfg, n) if cfg.cluster.space == "hybrid" else None,
     )
 
 

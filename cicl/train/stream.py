@@ -297,4 +297,5 @@ def train_stream(
         pca_scale=p_scale,
         device=device_name(device),
         decoder=recon or "off",
+        pca_weight=cluster_pca_weight(cfg, n) if cfg.cluster.space == "hybrid" else None,
     )
