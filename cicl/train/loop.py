@@ -285,8 +285,9 @@ def train(
 
     pca_block = pca_center = None
     pca_scale = 1.0
-    if cfg.cluster.space == "hybrid":
-        pca_center, pca_scale = _pca_stats(pcs, cluster_pca_weight(cfg, n), comm)
+    pca_weight = cluster_pca_weight(cfg, n) if cfg.cluster.space == "hybrid" else None
+    if pca_weight is not None:
+        pca_center, pca_scale = _pca_stats(pcs, pca_weight, comm)
         pca_block = torch.from_numpy(_pca_part(pcs, pca_center, pca_scale)).to(device)
 
     def space(h: torch.Tensor) -> torch.Tensor:
@@ -421,7 +422,7 @@ def train(
         pca_scale=pca_scale,
         device=device_name(device),
         decoder=recon or "off",
-        pca_weight=cluster_pca_weight(cfg, n) if cfg.cluster.space == "hybrid" else None,
+        pca_weight=pca_weight,
     )
 
 

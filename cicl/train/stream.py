@@ -113,7 +113,8 @@ def train_stream(
         steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
     warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
     p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=device)
-    p_scale = cluster_pca_weight(cfg, n) / float(pca_stats[1])
+    pca_weight = cluster_pca_weight(cfg, n)
+    p_scale = pca_weight / float(pca_stats[1])
     block = max(cfg.train.block_size, b_local)
 
     timings = {"read": 0.0, "train": 0.0, "kmeans": 0.0, "assign": 0.0}
@@ -297,5 +298,5 @@ def train_stream(
         pca_scale=p_scale,
         device=device_name(device),
         decoder=recon or "off",
-        pca_weight=cluster_pca_weight(cfg, n) if cfg.cluster.space == "hybrid" else None,
+        pca_weight=pca_weight if cfg.cluster.space == "hybrid" else None,
     )
