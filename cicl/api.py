@@ -187,10 +187,25 @@ def write_result(
         "device": res.device,
         "decoder": res.decoder,
         **({} if res.pca_weight is None else {"pca_weight": float(res.pca_weight)}),
+        **metric_uns(res.metric),
         "timings": {k: float(v) for k, v in res.timings.items()},
     }
     if model is not None:
         adata.uns[key_added]["model"] = model
+
+
+def metric_uns(metric: dict | None) -> dict:
+    """``uns[key]["metric"]``: how the final partition assigns cells ("tied": the shared-
+    covariance mixture, with its Ledoit-Wolf shrinkage and EM steps; "euclidean": K-means')."""
+    if metric is None:
+        return {"metric": {"kind": "euclidean"}}
+    return {
+        "metric": {
+            "kind": "tied",
+            "shrinkage": float(metric["shrinkage"]),
+            "iterations": int(metric["iterations"]),
+        }
+    }
 
 
 def model_uns(cfg: CICLConfig, k: int, source: str, centroids: np.ndarray) -> dict:

@@ -571,7 +571,22 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
             if "pca_weight" in info
             else {}
         ),
+        **_metric_fields(info),
         **({"silhouette_pca": float(info["silhouette_pca"])} if "silhouette_pca" in info else {}),
+    }
+
+
+def _metric_fields(info: dict) -> dict[str, Any]:
+    """How the final partition assigns cells (``uns[key]["metric"]``), for --json/summary."""
+    m = info.get("metric")
+    if m is None:
+        return {}
+    if m["kind"] != "tied":
+        return {"metric": str(m["kind"])}
+    return {
+        "metric": "tied",
+        "metric_shrinkage": float(m["shrinkage"]),
+        "metric_iterations": int(m["iterations"]),
     }
 
 
@@ -600,6 +615,12 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
             f"  clustering space: embedding + PCA block at weight {r['pca_weight']:.2f} "
             f"({r['pca_weight_source']}; "
             "`--set cluster.pca_weight=W` changes it)"
+        )
+    if r.get("metric") == "tied":
+        lines.append(
+            "  final partition: K-means, refined as a shared-covariance Gaussian mixture "
+            f"(shrinkage {r['metric_shrinkage']:.2f}, {r['metric_iterations']} EM steps; "
+            "`--set cluster.metric=euclidean` keeps K-means')"
         )
     if "silhouette_pca" in r:
         lines.append(

@@ -178,6 +178,12 @@ class ClusterConfig:
     pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
     final: Literal["kmeans", "ward", "head"] = "kmeans"  # final labels: K-means / Ward on the
     # clustering space, or argmax of the Student's t head
+    # the final K-means partition refined as a Gaussian mixture with one shared covariance
+    # (Ledoit-Wolf shrunk) and cluster priors ("tied", classification EM; cicl.cluster.mixture):
+    # a population stretched along a nuisance direction (depth) is not cut across it, and
+    # with few cells per dimension the shrinkage keeps K-means' metric. "euclidean": K-means'
+    # partition as it is
+    metric: Literal["tied", "euclidean"] = "tied"
 
     def __post_init__(self) -> None:
         _check(self.n_clusters is None or self.n_clusters >= 2, "cluster.n_clusters must be >= 2")
@@ -354,14 +360,17 @@ def preset(name: str) -> CICLConfig:
     ``contrastive`` is the paper's method as this package ran it by default before the count
     decoder (gene-module Transformer, NT-Xent + the paper's cluster-aware loss after warm-up,
     no reconstruction, PCA block at weight 2, final K-means with K and without the Ward start),
-    kept for comparison. Neither uses the final step's later additions (Ward start, K cap)."""
+    kept for comparison. Neither uses the final step's later additions (Ward start, K cap,
+    shared-covariance refinement)."""
     if name == "default":
         return CICLConfig()
     if name == "contrastive":
         return CICLConfig(
             model=ModelConfig(encoder="transformer"),
             loss=LossConfig(recon="off", instance_weight=1.0, lam=1.0),
-            cluster=ClusterConfig(pca_weight=2.0, ward_start=False, cap_k="off"),
+            cluster=ClusterConfig(
+                pca_weight=2.0, ward_start=False, cap_k="off", metric="euclidean"
+            ),
         )
     if name == "reference":
         return CICLConfig(
@@ -387,6 +396,7 @@ def preset(name: str) -> CICLConfig:
                 space="euclidean",
                 ward_start=False,
                 cap_k="off",
+                metric="euclidean",
             ),
             train=TrainConfig(epochs=51, batch_size=6000, lr=1e-4, weight_decay=1e-3),
         )

@@ -258,7 +258,19 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         device=meta.get("device", "cpu"),
         decoder=meta.get("decoder", "off"),
         pca_weight=meta.get("pca_weight"),
+        metric=_metric_from_json(meta.get("metric")),
     )
+
+
+def _metric_from_json(rec: dict | None) -> dict | None:
+    """``TrainResult.metric`` back from meta.json's lists (None: Euclidean assignment)."""
+    if rec is None:
+        return None
+    return {
+        "whiten": np.asarray(rec["whiten"], dtype=np.float64),
+        "shrinkage": float(rec["shrinkage"]),
+        "iterations": int(rec["iterations"]),
+    }
 
 
 def _worker_setup(config: dict[str, Any]) -> tuple[int, CICLConfig, dict | None]:
@@ -377,6 +389,9 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "device": res.device,
         "decoder": res.decoder,
         "pca_weight": res.pca_weight,
+        "metric": None
+        if res.metric is None
+        else {k: np.asarray(v).tolist() for k, v in res.metric.items()},
     }
     tmp = out / ".encoder.tmp.npz"  # the trained encoder, for predicting new cells
     np.savez(tmp, **res.encoder_state)

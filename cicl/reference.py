@@ -30,7 +30,7 @@ from cicl.data.preprocess import Prepared, detect_values
 from cicl.data.stream import BlockTransform
 from cicl.errors import InputError
 from cicl.model.modules import student_t
-from cicl.train.loop import TrainResult, embed_new, load_encoder
+from cicl.train.loop import TrainResult, embed_new, load_encoder, load_metric
 
 FORMAT = "cicl-model/1"
 MIN_GENE_SHARE = 0.5  # fewer of the model's genes than this in the new cells: refuse
@@ -88,6 +88,8 @@ def fit_record(res: TrainResult, n_pcs: int) -> dict:
         )
     if res.pca_center is not None:
         rec["pca_center"] = np.asarray(res.pca_center, dtype=np.float64)
+    if res.metric is not None:  # the final partition's assignment rule (``cluster.metric``)
+        rec["metric"] = dict(res.metric)
     return rec
 
 
@@ -152,7 +154,8 @@ def predict(
     batch's ComBat map; other cells are left uncorrected, with a warning.
 
     Writes ``obs[key_added]`` (categorical, the reference's clusters), ``obs[key_added +
-    "_confidence"]`` (Student's t probability of that cluster), ``obs[key_added +
+    "_confidence"]`` (Student's t probability of that cluster, in the whitened space of the
+    fit's shared-covariance metric when it has one), ``obs[key_added +
     "_dist_pct"]`` (the percentile, 0-100, of the cell's distance to its centroid among the
     reference cells of that cluster; above 99: farther out than nearly all of them, a state the
     reference may lack), ``obsm["X_" + key_added]`` (the reference's clustering space) and
@@ -195,8 +198,16 @@ def predict(
         x, pcs = t(xb, rows)
         parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
     h = np.concatenate(parts)
-    prob = student_t(torch.from_numpy(h), cents, cfg.cluster.alpha)
-    conf, lab = prob.max(1)
+    metric = load_metric(model.get("metric"))
+    ht = torch.from_numpy(h)
+    if metric is None:
+        prob = student_t(ht, cents, cfg.cluster.alpha)
+        conf, lab = prob.max(1)
+    else:  # the fit's metric: nearest centroid, and Student's t, in its whitened space
+        hw, cw = metric.transform(ht.double()), metric.transform(cents.double())
+        prob = student_t(hw, cw, cfg.cluster.alpha)
+        conf, lab = prob.max(1)
+        conf = conf.float()
     k = int(ref["n_clusters"])
     adata.obs[key_added] = pd.Categorical.from_codes(
         lab.numpy(), categories=[str(i) for i in range(k)]

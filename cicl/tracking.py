@@ -329,6 +329,8 @@ def log_fit(
     final = {"n_clusters": int(info["n_clusters"]), "seconds": float(info["seconds"])}
     if "silhouette_pca" in info:
         final["objective"] = float(info["silhouette_pca"])  # the sweeps' default objective
+    if "shrinkage" in info.get("metric", {}):  # the final mixture's Ledoit-Wolf shrinkage
+        final["metric_shrinkage"] = float(info["metric"]["shrinkage"])
     labels = adata.obs[key]
     if label_key is not None:
         final.update(score(labels.to_numpy(), adata.obs[label_key]))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd, split_minorities
+from cicl.cluster.mixture import refine_tied
 from cicl.comm import Comm, TorchDistComm
 
 
@@ -149,6 +150,38 @@ def test_distributed_split_minorities_equals_single_process():
         single = split_minorities(x, labels, 2, 3, seed=4)
         assert torch.equal(got, single), name
         assert int((single == 2).sum()) == 12, name  # the small group
+
+
+def _stretched() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three types along one axis, every cell scattered along a shared slanted direction, and
+    the K-means partition that cuts across it (the refinement's starting point)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(3, (601,), generator=g)
+    z = torch.randn(601, 2, generator=g) * torch.tensor([4.0, 0.4])
+    z = z @ torch.tensor([[0.8, 0.6], [-0.6, 0.8]])
+    x = torch.cat(
+        [torch.stack([y * 4.0, torch.zeros(601)], 1) + z, torch.randn(601, 3, generator=g)], 1
+    )
+    return x, kmeans(x, 3, n_init=3, seed=0).labels
+
+
+def _refine_shards(comm: TorchDistComm, out: str) -> None:
+    x, start = _stretched()
+    res, metric = refine_tied(_split(x, comm.rank), _split(start, comm.rank), 3, comm=comm)
+    torch.save(
+        {"labels": res.labels, "whiten": metric.whiten}, os.path.join(out, f"r{comm.rank}.pt")
+    )
+
+
+def test_distributed_tied_refinement_equals_single_process():
+    out = _spawn("_refine_shards")
+    r0, r1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
+    x, start = _stretched()
+    single, metric = refine_tied(x, start, 3)
+    assert not torch.equal(single.labels, start)  # the refinement moved cells
+    assert torch.equal(torch.cat([r0["labels"], r1["labels"]]), single.labels)
+    assert torch.equal(r0["whiten"], r1["whiten"])
+    assert torch.allclose(r0["whiten"], metric.whiten, atol=1e-8)
 
 
 def _gather_grad(comm: TorchDistComm, out: str) -> None:

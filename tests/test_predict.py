@@ -37,14 +37,14 @@ def test_reference_cells_get_their_own_labels_back(pollen_split):
     assert np.allclose(again.obsm["X_cicl"], ref.obsm["X_cicl"], atol=1e-4)
     assert again.obs["cicl"].cat.categories.tolist() == ref.obs["cicl"].cat.categories.tolist()
     # confidence: the Student's t head's probability of the assigned cluster, from the
-    # written embedding and the reference's centroids
+    # written embedding and the reference's centroids, in the fit's whitened metric
     import torch
 
     from cicl.model.modules import student_t
 
-    q = student_t(
-        torch.from_numpy(again.obsm["X_cicl"]), torch.from_numpy(ref.uns["cicl"]["centroids"]), 1.0
-    ).numpy()
+    w = torch.from_numpy(ref.uns["cicl"]["model"]["metric"]["whiten"])
+    h = torch.from_numpy(again.obsm["X_cicl"]).double() @ w
+    q = student_t(h, torch.from_numpy(ref.uns["cicl"]["centroids"]).double() @ w, 1.0).numpy()
     assert np.allclose(again.obs["cicl_confidence"].to_numpy(), q.max(1), atol=1e-5)
     assert (q.argmax(1).astype(str) == again.obs["cicl"].to_numpy()).all()
     # distance percentile: a reference cell's rank among its cluster's cells by distance to

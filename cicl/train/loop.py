@@ -22,6 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, fit_labels, kmeans, lloyd, split_minorities
+from cicl.cluster.mixture import TiedMetric, refine_tied
 from cicl.cluster.ward import ward_labels, ward_seeds
 from cicl.comm import Comm
 from cicl.config import CICLConfig
@@ -58,6 +59,9 @@ class TrainResult:
     # the hybrid space's PCA-block weight (``cluster_pca_weight``: set, or by cell count), so
     # users see what the rule chose; None for the other spaces
     pca_weight: float | None = None
+    # the final partition's shared-covariance metric (``cluster.metric: tied``): how a cell is
+    # assigned to a centroid (``TiedMetric``: whiten, shrinkage, iterations); None: Euclidean
+    metric: dict[str, np.ndarray | float] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +147,49 @@ def final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -
         return res
     labels = split_minorities(h, res.labels, k_main, k, seed=cfg.seed, comm=comm)
     return replace(fit_labels(h, labels, k, comm), n_iter=res.n_iter)
+
+
+def final_partition(
+    h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm
+) -> tuple[KMeansResult, TiedMetric | None]:
+    """``final_kmeans``, then (``cluster.metric: tied``) refined as a shared-covariance
+    Gaussian mixture (``refine_tied``); the metric says how cells are assigned."""
+    res = final_kmeans(h, k, cfg, n, comm)
+    if cfg.cluster.metric != "tied":
+        return res, None
+    refined, metric = refine_tied(h, res.labels, k, max_iter=cfg.cluster.max_iter, comm=comm)
+    return replace(refined, n_iter=res.n_iter), metric
+
+
+def metric_record(metric: TiedMetric | None) -> dict[str, np.ndarray | float] | None:
+    """A ``TiedMetric`` as arrays (what ``TrainResult.metric``, ``uns`` and Ray's meta hold)."""
+    if metric is None:
+        return None
+    return {
+        "whiten": metric.whiten.cpu().numpy(),
+        "shrinkage": float(metric.shrinkage),
+        "iterations": int(metric.n_iter),
+    }
+
+
+def load_metric(rec: dict | None) -> TiedMetric | None:
+    """The inverse of ``metric_record`` (None stays None: Euclidean assignment)."""
+    if rec is None or "whiten" not in rec:
+        return None
+    return TiedMetric(
+        whiten=torch.as_tensor(np.asarray(rec["whiten"], dtype=np.float64)),
+        shrinkage=float(rec.get("shrinkage", 0.0)),
+        n_iter=int(rec.get("iterations", 0)),
+    )
+
+
+def assign_cells(
+    h: torch.Tensor, centroids: torch.Tensor, metric: TiedMetric | None
+) -> torch.Tensor:
+    """Nearest centroid: Euclidean, or under the final partition's shared-covariance metric."""
+    if metric is None:
+        return torch.cdist(h, centroids.to(h.dtype)).argmin(1)
+    return metric.assign(h, centroids)
 
 
 def _final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -> KMeansResult:
@@ -398,8 +445,9 @@ def train(
 
     sync_norm_stats(model, comm)
     h = space(embed(model, xt))
+    metric = None
     if cfg.cluster.final == "kmeans":
-        final = final_kmeans(h, n_clusters, cfg, n, comm)
+        final, metric = final_partition(h, n_clusters, cfg, n, comm)
         labels, cents = final.labels, final.centroids
     elif cfg.cluster.final == "ward":
         if comm.world > 1:
@@ -423,6 +471,7 @@ def train(
         device=device_name(device),
         decoder=recon or "off",
         pca_weight=pca_weight,
+        metric=metric_record(metric),
     )
 
 

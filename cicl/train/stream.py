@@ -26,15 +26,17 @@ from cicl.model.modules import student_t
 from cicl.train.loop import (
     TrainResult,
     _progress,
+    assign_cells,
     auto_epochs,
     build_model,
     cluster_pca_weight,
     cluster_space,
     device_name,
     encoder_state,
-    final_kmeans,
+    final_partition,
     load_state,
     make_state,
+    metric_record,
     recon_kind,
     resolve_device,
     rng,
@@ -268,14 +270,14 @@ def train_stream(
 
     n_fit = int(comm.sum(torch.tensor(len(sample_idx), dtype=torch.long)))
     t = time.perf_counter()  # final labels: K-means on the sample (as in memory), all assigned
-    final = final_kmeans(sample_space(), n_clusters, cfg, n_fit, comm)
+    final, metric = final_partition(sample_space(), n_clusters, cfg, n_fit, comm)
     timings["kmeans"] += time.perf_counter() - t
     t_final = time.perf_counter()
     labels_out: list[np.ndarray] = []
     emb_out: list[np.ndarray] = []
     for idx in _blocks(n_local, block, None):
         h = space(*load(idx))
-        lab = torch.cdist(h, final.centroids).argmin(1).cpu().numpy()
+        lab = assign_cells(h, final.centroids, metric).cpu().numpy()
         if on_block is not None:
             on_block(idx, lab, h.cpu().numpy())
         else:
@@ -299,4 +301,5 @@ def train_stream(
         device=device_name(device),
         decoder=recon or "off",
         pca_weight=pca_weight if cfg.cluster.space == "hybrid" else None,
+        metric=metric_record(metric),
     )

@@ -1,0 +1,77 @@
+"""The shared-covariance mixture that refines the final K-means partition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
+from sklearn.metrics import adjusted_rand_score
+
+from cicl.cluster.kmeans import kmeans
+from cicl.cluster.mixture import ledoit_wolf, refine_tied
+from cicl.train.loop import assign_cells, load_metric, metric_record
+
+
+@pytest.mark.parametrize(("n", "d"), [(30, 50), (500, 20), (90, 82)])
+def test_ledoit_wolf_from_sums_matches_sklearn(n, d):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    ref, ref_s = sk_ledoit_wolf(x, assume_centered=True)
+    xt = torch.from_numpy(x)
+    cov, s = ledoit_wolf(xt.T @ xt, ((xt * xt).sum(1) ** 2).sum(), n)
+    assert s == pytest.approx(ref_s, abs=1e-10)
+    np.testing.assert_allclose(cov.numpy(), ref, atol=1e-8 * np.abs(ref).max())
+
+
+def _stretched(seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Three types side by side (900 / 300 / 300 cells), every cell scattered along one shared
+    slanted direction (a nuisance such as depth) much more than the types are apart."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((s,), i) for i, s in enumerate((900, 300, 300))])
+    z = torch.randn(len(y), 2, generator=g) * torch.tensor([4.0, 0.4])
+    c, s = math.cos(0.6), math.sin(0.6)
+    z = z @ torch.tensor([[c, s], [-s, c]])
+    means = torch.tensor([[0.0, 0.0], [4.0, 0.0], [8.0, 0.0]])
+    x = torch.cat([means[y] + z, torch.randn(len(y), 3, generator=g) * 0.4], 1)
+    return x, y.numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refinement_follows_a_shared_stretch_kmeans_cuts_across(seed):
+    x, y = _stretched(seed)
+    km = kmeans(x, 3, n_init=10, seed=seed)
+    res, metric = refine_tied(x, km.labels, 3)
+    before = adjusted_rand_score(y, km.labels.numpy())
+    after = adjusted_rand_score(y, res.labels.numpy())
+    assert before < 0.3 and after > before + 0.2
+    assert metric.shrinkage < 0.05  # 1,500 cells in 5 dimensions: the covariance is trusted
+    # the returned labels are the metric's own assignment (what predict and streaming use)
+    again = assign_cells(x, res.centroids, load_metric(metric_record(metric)))
+    assert torch.equal(again, res.labels)
+    # centroids and inertia as K-means reports them: the clusters' means, Euclidean
+    means = torch.stack([x[res.labels == c].mean(0) for c in range(3)])
+    assert torch.allclose(res.centroids, means, atol=1e-5)
+
+
+def test_few_cells_per_dimension_shrink_to_kmeans_metric():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 40, generator=g)
+    km = kmeans(x, 3, seed=0)
+    res, metric = refine_tied(x, km.labels, 3)
+    assert metric.shrinkage > 0.7
+    assert len(torch.unique(res.labels)) == 3
+
+
+def test_a_step_that_would_empty_a_cluster_is_not_taken():
+    """A cluster of two cells, one inside each of two large groups: both are nearer their
+    group's centre than their own midpoint, so the next step would empty it; K clusters come
+    back."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=g) * 0.3 + torch.tensor([[-3.0], [3.0]]).repeat(200, 1)
+    x = torch.cat([x, torch.tensor([[-3.0, -3.1], [3.0, 3.1]])])
+    labels = torch.cat([torch.tensor([0, 1]).repeat(200), torch.full((2,), 2)])
+    res, _ = refine_tied(x, labels, 3)
+    assert torch.bincount(res.labels, minlength=3).tolist() == [200, 200, 2]
