@@ -619,7 +619,8 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
     if r.get("metric") == "tied":
         lines.append(
             "  final partition: K-means, refined as a shared-covariance Gaussian mixture "
-            f"(shrinkage {r['metric_shrinkage']:.2f}, {r['metric_iterations']} EM steps; "
+            f"(shrinkage {r['metric_shrinkage']:.2f}, {r['metric_iterations']} EM "
+            f"step{'' if r['metric_iterations'] == 1 else 's'}; "
             "`--set cluster.metric=euclidean` keeps K-means')"
         )
     if "silhouette_pca" in r:
