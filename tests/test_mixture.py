@@ -75,3 +75,13 @@ def test_a_step_that_would_empty_a_cluster_is_not_taken():
     labels = torch.cat([torch.tensor([0, 1]).repeat(200), torch.full((2,), 2)])
     res, _ = refine_tied(x, labels, 3)
     assert torch.bincount(res.labels, minlength=3).tolist() == [200, 200, 2]
+
+
+def test_clusters_without_scatter_keep_their_cells():
+    """Duplicated cells: every cluster one repeated point, no within-cluster scatter at all;
+    the metric falls back to K-means' and nothing moves (no Cholesky failure)."""
+    x = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]).repeat_interleave(4, 0)
+    labels = torch.arange(3).repeat_interleave(4)
+    res, metric = refine_tied(x, labels, 3)
+    assert torch.equal(res.labels, labels)
+    assert torch.equal(metric.whiten, torch.eye(2, dtype=torch.float64))

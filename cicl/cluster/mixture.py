@@ -77,11 +77,22 @@ def _metric(
     fourth = comm.sum(((r * r).sum(1) ** 2).sum())
     n = float(counts.sum())
     cov, s = ledoit_wolf(scatter, fourth, n)
+    return cents, TiedMetric(_whitening(cov), s, 0), counts
+
+
+def _whitening(cov: torch.Tensor) -> torch.Tensor:
+    """W with cov^-1 = W W^T (inverse Cholesky factor, transposed), jittered if need be; the
+    identity (K-means' metric) when the clusters have no scatter at all (duplicated cells)."""
     d = cov.shape[0]
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    chol = torch.linalg.cholesky(cov + 1e-9 * float(torch.trace(cov)) / d * eye)
-    whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T  # cov^-1 = W W^T
-    return cents, TiedMetric(whiten, s, 0), counts
+    scale = float(torch.trace(cov)) / d
+    if not scale > 0:
+        return eye
+    for jitter in (1e-9, 1e-6, 1e-3):
+        chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+        if int(info) == 0:
+            return torch.linalg.solve_triangular(chol, eye, upper=False).T
+    return eye / scale**0.5
 
 
 def refine_tied(
@@ -90,8 +101,9 @@ def refine_tied(
     """Classification EM of the shared-covariance mixture, started from ``labels``: refit the
     means and the shrunk covariance, reassign, until no cell moves. A step that would
     empty a cluster is not taken (K clusters always come back). The result's centroids are the
-    clusters' means and its inertia the Euclidean one, as K-means reports; the metric is the
-    one the returned labels are the assignment of."""
+    clusters' means and its inertia the Euclidean one, as K-means reports; the metric is refitted
+    to the returned labels, which are its own assignment once no cell moves (not after a refused
+    step or ``max_iter``)."""
     lab = labels.to(torch.long)
     cents, metric, _ = _metric(x, lab, k, comm)
     n_iter = 0
