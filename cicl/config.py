@@ -179,7 +179,7 @@ class ClusterConfig:
     final: Literal["kmeans", "ward", "head"] = "kmeans"  # final labels: K-means / Ward on the
     # clustering space, or argmax of the Student's t head
     # the final K-means partition refined as a Gaussian mixture with one shared covariance
-    # (Ledoit-Wolf shrunk) and cluster priors ("tied", classification EM; cicl.cluster.mixture):
+    # (Ledoit-Wolf shrunk) and equal proportions ("tied", classification EM; cicl.cluster.mixture):
     # a population stretched along a nuisance direction (depth) is not cut across it, and
     # with few cells per dimension the shrinkage keeps K-means' metric. "euclidean": K-means'
     # partition as it is

@@ -26,7 +26,7 @@ import numpy as np
 
 from cicl._logging import quieted
 from cicl.config import CICLConfig
-from cicl.train.loop import TrainResult
+from cicl.train.loop import TrainResult, load_metric, metric_record
 
 STATE_FILE = "state.pt"
 
@@ -258,19 +258,8 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         device=meta.get("device", "cpu"),
         decoder=meta.get("decoder", "off"),
         pca_weight=meta.get("pca_weight"),
-        metric=_metric_from_json(meta.get("metric")),
+        metric=metric_record(load_metric(meta.get("metric"))),  # meta.json's lists -> arrays
     )
-
-
-def _metric_from_json(rec: dict | None) -> dict | None:
-    """``TrainResult.metric`` back from meta.json's lists (None: Euclidean assignment)."""
-    if rec is None:
-        return None
-    return {
-        "whiten": np.asarray(rec["whiten"], dtype=np.float64),
-        "shrinkage": float(rec["shrinkage"]),
-        "iterations": int(rec["iterations"]),
-    }
 
 
 def _worker_setup(config: dict[str, Any]) -> tuple[int, CICLConfig, dict | None]:

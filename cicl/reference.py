@@ -199,15 +199,11 @@ def predict(
         parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
     h = np.concatenate(parts)
     metric = load_metric(model.get("metric"))
-    ht = torch.from_numpy(h)
-    if metric is None:
-        prob = student_t(ht, cents, cfg.cluster.alpha)
-        conf, lab = prob.max(1)
-    else:  # the fit's metric: nearest centroid, and Student's t, in its whitened space
-        hw, cw = metric.transform(ht.double()), metric.transform(cents.double())
-        prob = student_t(hw, cw, cfg.cluster.alpha)
-        conf, lab = prob.max(1)
-        conf = conf.float()
+    hq, cq = torch.from_numpy(h), cents
+    if metric is not None:  # the fit's metric: nearest centroid, Student's t, whitened
+        hq, cq = metric.transform(hq.double()), metric.transform(cents.double())
+    conf, lab = student_t(hq, cq, cfg.cluster.alpha).max(1)
+    conf = conf.float()
     k = int(ref["n_clusters"])
     adata.obs[key_added] = pd.Categorical.from_codes(
         lab.numpy(), categories=[str(i) for i in range(k)]

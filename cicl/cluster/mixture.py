@@ -9,7 +9,7 @@ learned metric; LDA's metric, fitted without labels). The covariance is shrunk t
 isotropic one by Ledoit-Wolf, so with few cells per dimension the metric stays close to
 K-means' own and the partition barely moves. Mixing proportions are equal, as in K-means: with
 each cluster's share as a prior, classification EM lets large clusters absorb small ones
-step by step (a test case lost a 300-cell type that way), and rare populations matter here.
+step by step (a synthetic case lost a 300-cell type that way), and rare populations matter here.
 
 Only per-cluster sums, counts and the pooled scatter are needed, each reduced by ``comm.sum``:
 the same code runs in one process and on shards across Ray workers.
@@ -17,7 +17,7 @@ the same code runs in one process and on shards across Ray workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -66,8 +66,8 @@ def ledoit_wolf(
 
 def _metric(
     x: torch.Tensor, labels: torch.Tensor, k: int, comm: Comm
-) -> tuple[torch.Tensor, TiedMetric, torch.Tensor]:
-    """Centroids, the shared-covariance metric and the global counts of a partition."""
+) -> tuple[torch.Tensor, TiedMetric]:
+    """Centroids and the shared-covariance metric of a partition."""
     xd = x.to(torch.float64)
     counts = comm.sum(torch.bincount(labels, minlength=k).to(torch.float64))
     sums = comm.sum(xd.new_zeros(k, x.shape[1]).index_add_(0, labels, xd))
@@ -77,7 +77,7 @@ def _metric(
     fourth = comm.sum(((r * r).sum(1) ** 2).sum())
     n = float(counts.sum())
     cov, s = ledoit_wolf(scatter, fourth, n)
-    return cents, TiedMetric(_whitening(cov), s, 0), counts
+    return cents, TiedMetric(_whitening(cov), s, 0)
 
 
 def _whitening(cov: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def refine_tied(
     to the returned labels, which are its own assignment once no cell moves (not after a refused
     step or ``max_iter``)."""
     lab = labels.to(torch.long)
-    cents, metric, _ = _metric(x, lab, k, comm)
+    cents, metric = _metric(x, lab, k, comm)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
         new = metric.assign(x, cents)
@@ -114,9 +114,7 @@ def refine_tied(
             break
         moved = int(comm.sum((new != lab).sum().to(torch.float64)))
         lab = new
-        cents, metric, _ = _metric(x, lab, k, comm)
+        cents, metric = _metric(x, lab, k, comm)
         if moved == 0:
             break
-    metric.n_iter = n_iter
-    res = fit_labels(x, lab, k, comm)
-    return res, metric
+    return fit_labels(x, lab, k, comm), replace(metric, n_iter=n_iter)
