@@ -112,9 +112,8 @@ def refine_tied(
         counts = comm.sum(torch.bincount(new, minlength=k).to(torch.float64))
         if bool((counts == 0).any()):
             break
-        moved = int(comm.sum((new != lab).sum().to(torch.float64)))
+        if int(comm.sum((new != lab).sum().to(torch.float64))) == 0:
+            break  # converged: the metric is already the one fitted to these labels
         lab = new
         cents, metric = _metric(x, lab, k, comm)
-        if moved == 0:
-            break
     return fit_labels(x, lab, k, comm), replace(metric, n_iter=n_iter)
