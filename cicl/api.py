@@ -196,16 +196,18 @@ def write_result(
 
 def metric_uns(metric: dict | None) -> dict:
     """``uns[key]["metric"]``: how the final partition assigns cells ("tied": the shared-
-    covariance mixture, with its Ledoit-Wolf shrinkage and EM steps; "euclidean": K-means')."""
+    covariance mixture, with its Ledoit-Wolf shrinkage and EM steps; "full": a covariance per
+    cluster, with its prior and floor too; "euclidean": K-means')."""
     if metric is None:
         return {"metric": {"kind": "euclidean"}}
-    return {
-        "metric": {
-            "kind": "tied",
-            "shrinkage": float(metric["shrinkage"]),
-            "iterations": int(metric["iterations"]),
-        }
+    out = {
+        "kind": "full" if "logdet" in metric else "tied",
+        "shrinkage": float(metric["shrinkage"]),
+        "iterations": int(metric["iterations"]),
     }
+    if "logdet" in metric:
+        out |= {"prior": float(metric["prior"]), "floor": float(metric["floor"])}
+    return {"metric": out}
 
 
 def model_uns(cfg: CICLConfig, k: int, source: str, centroids: np.ndarray) -> dict:

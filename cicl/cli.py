@@ -581,10 +581,10 @@ def _metric_fields(info: dict) -> dict[str, Any]:
     m = info.get("metric")
     if m is None:
         return {}
-    if m["kind"] != "tied":
+    if m["kind"] not in ("tied", "full"):
         return {"metric": str(m["kind"])}
     return {
-        "metric": "tied",
+        "metric": str(m["kind"]),
         "metric_shrinkage": float(m["shrinkage"]),
         "metric_iterations": int(m["iterations"]),
     }
@@ -616,12 +616,17 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
             f"({r['pca_weight_source']}; "
             "`--set cluster.pca_weight=W` changes it)"
         )
-    if r.get("metric") == "tied":
+    if r.get("metric") in ("tied", "full"):
+        steps = f"{r['metric_iterations']} EM step{'' if r['metric_iterations'] == 1 else 's'}"
         lines.append(
             "  final partition: K-means, refined as a shared-covariance Gaussian mixture "
-            f"(shrinkage {r['metric_shrinkage']:.2f}, {r['metric_iterations']} EM "
-            f"step{'' if r['metric_iterations'] == 1 else 's'}; "
-            "`--set cluster.metric=euclidean` keeps K-means')"
+            + (
+                f"(shrinkage {r['metric_shrinkage']:.2f}), then with a covariance per cluster "
+                f"({steps}"
+                if r["metric"] == "full"
+                else f"(shrinkage {r['metric_shrinkage']:.2f}, {steps}"
+            )
+            + "; `--set cluster.metric=euclidean` keeps K-means')"
         )
     if "silhouette_pca" in r:
         lines.append(

@@ -178,12 +178,17 @@ class ClusterConfig:
     pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
     final: Literal["kmeans", "ward", "head"] = "kmeans"  # final labels: K-means / Ward on the
     # clustering space, or argmax of the Student's t head
-    # the final K-means partition refined as a Gaussian mixture with one shared covariance
-    # (Ledoit-Wolf shrunk) and equal proportions ("tied", classification EM; cicl.cluster.mixture):
-    # a population stretched along a nuisance direction (depth) is not cut across it, and
-    # with few cells per dimension the shrinkage keeps K-means' metric. "euclidean": K-means'
-    # partition as it is
-    metric: Literal["tied", "euclidean"] = "tied"
+    # the final K-means partition refined as a Gaussian mixture (classification EM, equal
+    # proportions; cicl.cluster.mixture). "tied": one shared covariance (Ledoit-Wolf shrunk): a
+    # population stretched along a nuisance direction (depth) is not cut across it, and with
+    # few cells per dimension the shrinkage keeps K-means' metric. "full" (default): that, then
+    # each cluster its own covariance: full_prior * d pseudo-cells of the shared covariance in
+    # each cluster's (few cells: the shared metric; many: their own shape), never less than
+    # full_floor of it, log-determinants in the rule: a broad population keeps its far cells.
+    # "euclidean": K-means' partition as it is
+    metric: Literal["tied", "full", "euclidean"] = "full"
+    full_prior: float = 30.0
+    full_floor: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.n_clusters is None or self.n_clusters >= 2, "cluster.n_clusters must be >= 2")
@@ -198,6 +203,8 @@ class ClusterConfig:
             self.final_n_init is None or self.final_n_init >= 1, "cluster.final_n_init must be >= 1"
         )
         _check(self.n_resolved is None or self.n_resolved >= 1, "cluster.n_resolved must be >= 1")
+        _check(self.full_prior >= 0, "cluster.full_prior must be >= 0")
+        _check(0 <= self.full_floor <= 1, "cluster.full_floor must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from cicl.data.io import check_finite, check_matrix
 from cicl.data.preprocess import Prepared, detect_values
 from cicl.data.stream import BlockTransform
 from cicl.errors import InputError
-from cicl.model.modules import student_t
+from cicl.model.modules import student_t_q
 from cicl.train.loop import TrainResult, embed_new, load_encoder, load_metric
 
 FORMAT = "cicl-model/1"
@@ -154,8 +154,8 @@ def predict(
     batch's ComBat map; other cells are left uncorrected, with a warning.
 
     Writes ``obs[key_added]`` (categorical, the reference's clusters), ``obs[key_added +
-    "_confidence"]`` (Student's t probability of that cluster, in the whitened space of the
-    fit's shared-covariance metric when it has one), ``obs[key_added +
+    "_confidence"]`` (Student's t probability of that cluster, on the fit's metric's
+    distances when it has one), ``obs[key_added +
     "_dist_pct"]`` (the percentile, 0-100, of the cell's distance to its centroid among the
     reference cells of that cluster; above 99: farther out than nearly all of them, a state the
     reference may lack), ``obsm["X_" + key_added]`` (the reference's clustering space) and
@@ -199,10 +199,10 @@ def predict(
         parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
     h = np.concatenate(parts)
     metric = load_metric(model.get("metric"))
-    hq, cq = torch.from_numpy(h), cents
-    if metric is not None:  # the fit's metric: nearest centroid, Student's t, whitened
-        hq, cq = metric.transform(hq.double()), metric.transform(cents.double())
-    conf, lab = student_t(hq, cq, cfg.cluster.alpha).max(1)
+    hq = torch.from_numpy(h)
+    # the fit's metric (nearest centroid and Student's t on its scores) or Euclidean
+    d2 = torch.cdist(hq, cents).pow(2) if metric is None else metric.scores(hq, cents)
+    conf, lab = student_t_q(d2, cfg.cluster.alpha).max(1)
     conf = conf.float()
     k = int(ref["n_clusters"])
     adata.obs[key_added] = pd.Categorical.from_codes(

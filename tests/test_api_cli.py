@@ -95,8 +95,9 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
     w = cluster_pca_weight(CICLConfig(), line["n_cells"])
     assert line["pca_weight"] == pytest.approx(w) == res.uns["cicl"]["pca_weight"]
     assert line["pca_weight_source"] == "by cell count" and f"weight {w:.2f}" in cap.err
-    # the final partition's shared-covariance refinement, and how far it trusted the data
-    assert line["metric"] == "tied" == res.uns["cicl"]["metric"]["kind"]
+    # the final partition's mixture refinement, and how far it trusted the data
+    assert line["metric"] == "full" == res.uns["cicl"]["metric"]["kind"]
+    assert res.uns["cicl"]["metric"]["prior"] == 30.0 and "covariance per cluster" in cap.err
     assert line["metric_shrinkage"] == pytest.approx(res.uns["cicl"]["metric"]["shrinkage"])
     assert 0 <= line["metric_shrinkage"] <= 1 and "shared-covariance" in cap.err
 

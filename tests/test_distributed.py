@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cicl.cluster.kmeans import kmeans, kmeans_pp, lloyd, split_minorities
-from cicl.cluster.mixture import refine_tied
+from cicl.cluster.mixture import refine_full, refine_tied
 from cicl.comm import Comm, TorchDistComm
 
 
@@ -182,6 +182,38 @@ def test_distributed_tied_refinement_equals_single_process():
     assert torch.equal(torch.cat([r0["labels"], r1["labels"]]), single.labels)
     assert torch.equal(r0["whiten"], r1["whiten"])
     assert torch.allclose(r0["whiten"], metric.whiten, atol=1e-8)
+
+
+def _broad_and_tight() -> tuple[torch.Tensor, torch.Tensor]:
+    """A broad type and two tight ones beside it, and the shared-covariance partition that
+    gives the tight types the broad one's near cells (the per-cluster step's starting point)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(3, (601,), generator=g)
+    means = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    sd = torch.tensor([1.5, 0.3, 0.3])[y][:, None]
+    x = means[y] + sd * torch.randn(601, 3, generator=g)
+    return x, refine_tied(x, kmeans(x, 3, n_init=3, seed=0).labels, 3)[0].labels
+
+
+def _refine_full_shards(comm: TorchDistComm, out: str) -> None:
+    x, start = _broad_and_tight()
+    res, metric = refine_full(_split(x, comm.rank), _split(start, comm.rank), 3, comm=comm)
+    torch.save(
+        {"labels": res.labels, "whiten": metric.whiten, "logdet": metric.logdet},
+        os.path.join(out, f"r{comm.rank}.pt"),
+    )
+
+
+def test_distributed_full_refinement_equals_single_process():
+    out = _spawn("_refine_full_shards")
+    r0, r1 = (torch.load(os.path.join(out, f"r{r}.pt")) for r in (0, 1))
+    x, start = _broad_and_tight()
+    single, metric = refine_full(x, start, 3)
+    assert not torch.equal(single.labels, start)  # the per-cluster step moved cells
+    assert torch.equal(torch.cat([r0["labels"], r1["labels"]]), single.labels)
+    assert torch.equal(r0["whiten"], r1["whiten"]) and torch.equal(r0["logdet"], r1["logdet"])
+    assert torch.allclose(r0["whiten"], metric.whiten, atol=1e-8)
+    assert torch.allclose(r0["logdet"], metric.logdet, atol=1e-8)
 
 
 def _gather_grad(comm: TorchDistComm, out: str) -> None:

@@ -11,7 +11,7 @@ from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
 from sklearn.metrics import adjusted_rand_score
 
 from cicl.cluster.kmeans import kmeans
-from cicl.cluster.mixture import ledoit_wolf, refine_tied
+from cicl.cluster.mixture import FullMetric, ledoit_wolf, refine_full, refine_tied, shared_weight
 from cicl.train.loop import assign_cells, load_metric, metric_record
 
 
@@ -85,3 +85,77 @@ def test_clusters_without_scatter_keep_their_cells():
     res, metric = refine_tied(x, labels, 3)
     assert torch.equal(res.labels, labels)
     assert torch.equal(metric.whiten, torch.eye(2, dtype=torch.float64))
+
+
+def _broad_and_tight(seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A broad type (1,000 cells, sd 2) with two tight ones (300 cells each, sd 0.3) beside
+    it in 5 dimensions: K-means' equal balls give the tight types the broad one's near cells."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(3, 5)
+    means[1, 0], means[2, 1] = 4.0, 6.0
+    y = torch.cat([torch.full((s,), i) for i, s in enumerate((1000, 300, 300))])
+    sd = torch.tensor([2.0, 0.3, 0.3])[y][:, None]
+    return means[y] + sd * torch.randn(len(y), 5, generator=g), y.numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_refinement_keeps_a_broad_population_whole(seed):
+    x, y = _broad_and_tight(seed)
+    km = kmeans(x, 3, n_init=10, seed=seed)
+    tied, _ = refine_tied(x, km.labels, 3)
+    full, metric = refine_full(x, tied.labels, 3)
+    own, _ = refine_full(x, tied.labels, 3, prior=1.0, floor=0.0)  # clusters' own covariances
+    tied_ari = adjusted_rand_score(y, tied.labels.numpy())
+    assert tied_ari < 0.5
+    assert adjusted_rand_score(y, full.labels.numpy()) > tied_ari + 0.1  # half shared, half own
+    assert adjusted_rand_score(y, own.labels.numpy()) > 0.95
+    # converged: the returned labels are the stored metric's own assignment
+    again = assign_cells(x, full.centroids, load_metric(metric_record(metric)))
+    assert torch.equal(again, full.labels)
+    assert isinstance(load_metric(metric_record(metric)), FullMetric)
+
+
+def test_full_rule_is_the_gaussian_likelihood_with_shrunk_covariances():
+    """The rule against a brute-force one: each cluster's covariance rebuilt from its cells
+    (the prior's weight, the floor, sklearn's Ledoit-Wolf shared covariance), scored by the
+    Gaussian -2 log-likelihood with explicit inverses and log-determinants."""
+    rng = np.random.default_rng(0)
+    sizes, d = (400, 60, 25), 6
+    y = np.repeat(np.arange(3), sizes)
+    x = rng.normal(size=(len(y), d)) * rng.uniform(0.3, 2.0, size=(3, d))[y] + 3.0 * y[:, None]
+    labels = torch.from_numpy(y)
+    _, metric = refine_full(torch.from_numpy(x), labels, 3, prior=5.0, floor=0.3, max_iter=0)
+    means = np.stack([x[y == j].mean(0) for j in range(3)])
+    r = x - means[y]
+    shared, _ = sk_ledoit_wolf(r, assume_centered=True)
+    query = rng.normal(size=(200, d)) * 2.0 + 3.0
+    brute = np.empty((len(query), 3))
+    for j, n_j in enumerate(sizes):
+        a = max(0.3, 5.0 * d / (5.0 * d + n_j))
+        cov = (1 - a) * r[y == j].T @ r[y == j] / n_j + a * shared
+        z = query - means[j]
+        brute[:, j] = np.einsum("nd,de,ne->n", z, np.linalg.inv(cov), z) + np.linalg.slogdet(cov)[1]
+    got = metric.scores(torch.from_numpy(query), torch.from_numpy(means)).numpy()
+    offset = metric.logdet.min().item()  # scores drop the smallest log-determinant
+    np.testing.assert_allclose(got + offset, brute, rtol=1e-8, atol=1e-8)
+    nearest = metric.assign(torch.from_numpy(query), torch.from_numpy(means))
+    assert np.array_equal(nearest.numpy(), brute.argmin(1))
+
+
+def test_shared_weight_prior_and_floor():
+    assert shared_weight(30.0, 0.5, 10, 100) == pytest.approx(0.75)  # 300 pseudo-cells, 100 own
+    assert shared_weight(30.0, 0.5, 10, 10_000) == 0.5  # a large cluster: the floor holds
+    assert shared_weight(0.0, 0.0, 10, 50) == 0.0  # no prior: the cluster's own covariance
+    assert shared_weight(30.0, 0.0, 82, 15) > 0.99  # 15 cells in 82 dimensions: shared
+
+
+def test_few_cells_per_dimension_keep_the_shared_metric():
+    """30 cells in 40 dimensions: each cluster's covariance is nearly the shared one (the
+    prior outweighs ten cells), so the per-cluster step moves no cell of the tied partition."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 40, generator=g)
+    x[:10] += 3.0
+    tied, _ = refine_tied(x, kmeans(x, 3, seed=0).labels, 3)
+    full, metric = refine_full(x, tied.labels, 3)
+    assert torch.equal(full.labels, tied.labels)
+    assert metric.n_iter == 1

@@ -36,15 +36,20 @@ def test_reference_cells_get_their_own_labels_back(pollen_split):
     assert np.array_equal(again.obs["cicl"].to_numpy(), ref.obs["cicl"].to_numpy())
     assert np.allclose(again.obsm["X_cicl"], ref.obsm["X_cicl"], atol=1e-4)
     assert again.obs["cicl"].cat.categories.tolist() == ref.obs["cicl"].cat.categories.tolist()
-    # confidence: the Student's t head's probability of the assigned cluster, from the
-    # written embedding and the reference's centroids, in the fit's whitened metric
+    # confidence: Student's t probability of the assigned cluster, from the written embedding
+    # and the reference's centroids, on the fit's per-cluster metric (each cluster's whitened
+    # distance squared plus its log-determinant's excess over the smallest)
     import torch
 
-    from cicl.model.modules import student_t
+    from cicl.model.modules import student_t_q
 
-    w = torch.from_numpy(ref.uns["cicl"]["model"]["metric"]["whiten"])
-    h = torch.from_numpy(again.obsm["X_cicl"]).double() @ w
-    q = student_t(h, torch.from_numpy(ref.uns["cicl"]["centroids"]).double() @ w, 1.0).numpy()
+    m = ref.uns["cicl"]["model"]["metric"]
+    w, logdet = np.asarray(m["whiten"]), np.asarray(m["logdet"])
+    h, c = again.obsm["X_cicl"].astype(np.float64), ref.uns["cicl"]["centroids"]
+    d2 = np.stack(
+        [(((h - c[j]) @ w[j]) ** 2).sum(1) + logdet[j] - logdet.min() for j in range(len(c))], 1
+    )
+    q = student_t_q(torch.from_numpy(d2), 1.0).numpy()
     assert np.allclose(again.obs["cicl_confidence"].to_numpy(), q.max(1), atol=1e-5)
     assert (q.argmax(1).astype(str) == again.obs["cicl"].to_numpy()).all()
     # distance percentile: a reference cell's rank among its cluster's cells by distance to

@@ -111,8 +111,10 @@ def test_cli_fit_with_workers(data_dir, local_ray, tmp_path):
     counts = a.uns["cicl"]["preprocess"]["values"] == "counts"
     assert a.uns["cicl"]["decoder"] == ("nb" if counts else "gaussian")  # the workers' choice
     assert a.uns["cicl"]["pca_weight"] == 2.0  # 56 cells: the rule's small-set weight
-    assert a.uns["cicl"]["metric"]["kind"] == "tied"  # the final metric, via meta.json
-    assert a.uns["cicl"]["model"]["metric"]["whiten"].shape == (a.obsm["X_cicl"].shape[1],) * 2
+    assert a.uns["cicl"]["metric"]["kind"] == "full"  # the final metric, via meta.json
+    d, k = a.obsm["X_cicl"].shape[1], a.uns["cicl"]["n_clusters"]
+    assert a.uns["cicl"]["model"]["metric"]["whiten"].shape == (k, d, d)
+    assert a.uns["cicl"]["model"]["metric"]["logdet"].shape == (k,)
     assert a.obs["cicl"].nunique() == 4
     # rank 0 hands back the trained encoder: the fit is a reference for new cells
     b = ad.read_h5ad(data_dir / "biase.h5ad")

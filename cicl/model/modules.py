@@ -271,7 +271,11 @@ def pca_projection(x: np.ndarray, pcs: np.ndarray, dim: int) -> tuple[np.ndarray
 
 def student_t(h: torch.Tensor, centroids: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """Soft assignment q_ik ∝ (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2) (DEC / the paper)."""
-    d2 = torch.cdist(h, centroids).pow(2)
+    return student_t_q(torch.cdist(h, centroids).pow(2), alpha)
+
+
+def student_t_q(d2: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Student's t soft assignment from (n, k) squared distances, in whatever metric."""
     q = (1.0 + d2 / alpha).pow(-(alpha + 1.0) / 2.0)
     return q / q.sum(1, keepdim=True)
 

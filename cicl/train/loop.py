@@ -22,7 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, fit_labels, kmeans, lloyd, split_minorities
-from cicl.cluster.mixture import TiedMetric, refine_tied
+from cicl.cluster.mixture import FullMetric, Metric, TiedMetric, refine_full, refine_tied
 from cicl.cluster.ward import ward_labels, ward_seeds
 from cicl.comm import Comm
 from cicl.config import CICLConfig
@@ -59,8 +59,8 @@ class TrainResult:
     # the hybrid space's PCA-block weight (``cluster_pca_weight``: set, or by cell count), so
     # users see what the rule chose; None for the other spaces
     pca_weight: float | None = None
-    # the final partition's shared-covariance metric (``cluster.metric: tied``): how a cell is
-    # assigned to a centroid (``TiedMetric``: whiten, shrinkage, iterations); None: Euclidean
+    # the final partition's fitted metric (``cluster.metric``: tied / full): how a cell is
+    # assigned to a centroid (``metric_record``'s arrays); None: Euclidean
     metric: dict[str, np.ndarray | float] | None = None
 
 
@@ -151,42 +151,62 @@ def final_kmeans(h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm) -
 
 def final_partition(
     h: torch.Tensor, k: int, cfg: CICLConfig, n: int, comm: Comm
-) -> tuple[KMeansResult, TiedMetric | None]:
-    """``final_kmeans``, then (``cluster.metric: tied``) refined as a shared-covariance
-    Gaussian mixture (``refine_tied``); the metric says how cells are assigned."""
+) -> tuple[KMeansResult, Metric | None]:
+    """``final_kmeans``, then (``cluster.metric: tied`` / ``full``) refined as a shared-
+    covariance Gaussian mixture (``refine_tied``) and (``full``) then as one with a covariance
+    per cluster (``refine_full``); the metric says how cells are assigned."""
+    c = cfg.cluster
     res = final_kmeans(h, k, cfg, n, comm)
-    if cfg.cluster.metric != "tied":
+    if c.metric == "euclidean":
         return res, None
-    refined, metric = refine_tied(h, res.labels, k, max_iter=cfg.cluster.max_iter, comm=comm)
+    refined, metric = refine_tied(h, res.labels, k, max_iter=c.max_iter, comm=comm)
+    if c.metric == "full":
+        refined, metric = refine_full(
+            h,
+            refined.labels,
+            k,
+            prior=c.full_prior,
+            floor=c.full_floor,
+            max_iter=c.max_iter,
+            comm=comm,
+        )
     return replace(refined, n_iter=res.n_iter), metric
 
 
-def metric_record(metric: TiedMetric | None) -> dict[str, np.ndarray | float] | None:
-    """A ``TiedMetric`` as arrays (what ``TrainResult.metric``, ``uns`` and Ray's meta hold)."""
+def metric_record(metric: Metric | None) -> dict[str, np.ndarray | float] | None:
+    """A fitted metric as arrays (what ``TrainResult.metric``, ``uns`` and Ray's meta hold);
+    a per-cluster one has a (k, d, d) ``whiten`` and its ``logdet``."""
     if metric is None:
         return None
-    return {
+    rec: dict[str, np.ndarray | float] = {
         "whiten": metric.whiten.cpu().numpy(),
         "shrinkage": float(metric.shrinkage),
         "iterations": int(metric.n_iter),
     }
+    if isinstance(metric, FullMetric):
+        rec |= {
+            "logdet": metric.logdet.cpu().numpy(),
+            "prior": float(metric.prior),
+            "floor": float(metric.floor),
+        }
+    return rec
 
 
-def load_metric(rec: dict | None) -> TiedMetric | None:
+def load_metric(rec: dict | None) -> Metric | None:
     """The inverse of ``metric_record`` (None stays None: Euclidean assignment)."""
     if rec is None or "whiten" not in rec:
         return None
-    return TiedMetric(
-        whiten=torch.as_tensor(np.asarray(rec["whiten"], dtype=np.float64)),
-        shrinkage=float(rec.get("shrinkage", 0.0)),
-        n_iter=int(rec.get("iterations", 0)),
-    )
+    whiten = torch.as_tensor(np.asarray(rec["whiten"], dtype=np.float64))
+    shrinkage, n_iter = float(rec.get("shrinkage", 0.0)), int(rec.get("iterations", 0))
+    if "logdet" in rec:
+        logdet = torch.as_tensor(np.asarray(rec["logdet"], dtype=np.float64))
+        prior, floor = float(rec.get("prior", 0.0)), float(rec.get("floor", 0.0))
+        return FullMetric(whiten, logdet, shrinkage, n_iter, prior, floor)
+    return TiedMetric(whiten=whiten, shrinkage=shrinkage, n_iter=n_iter)
 
 
-def assign_cells(
-    h: torch.Tensor, centroids: torch.Tensor, metric: TiedMetric | None
-) -> torch.Tensor:
-    """Nearest centroid: Euclidean, or under the final partition's shared-covariance metric."""
+def assign_cells(h: torch.Tensor, centroids: torch.Tensor, metric: Metric | None) -> torch.Tensor:
+    """Nearest centroid: Euclidean, or under the final partition's fitted metric."""
     if metric is None:
         return torch.cdist(h, centroids.to(h.dtype)).argmin(1)
     return metric.assign(h, centroids)
