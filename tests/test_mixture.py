@@ -77,14 +77,28 @@ def test_a_step_that_would_empty_a_cluster_is_not_taken():
     assert torch.bincount(res.labels, minlength=3).tolist() == [200, 200, 2]
 
 
-def test_clusters_without_scatter_keep_their_cells():
+@pytest.mark.parametrize("refine", [refine_tied, refine_full])
+def test_clusters_without_scatter_keep_their_cells(refine):
     """Duplicated cells: every cluster one repeated point, no within-cluster scatter at all;
     the metric falls back to K-means' and nothing moves (no Cholesky failure)."""
     x = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]).repeat_interleave(4, 0)
     labels = torch.arange(3).repeat_interleave(4)
-    res, metric = refine_tied(x, labels, 3)
+    res, metric = refine(x, labels, 3)
     assert torch.equal(res.labels, labels)
-    assert torch.equal(metric.whiten, torch.eye(2, dtype=torch.float64))
+    eye = torch.eye(2, dtype=torch.float64)
+    assert torch.equal(metric.whiten, eye if refine is refine_tied else eye.expand(3, 2, 2))
+
+
+def test_full_refinement_keeps_a_one_cell_cluster():
+    """A cluster of one cell has no scatter of its own: it takes the shared covariance (no
+    singular matrix, no log-determinant of minus infinity pulling every cell into it)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 6.0])
+    x = torch.cat([x, torch.full((1, 4), 3.0)])
+    labels = torch.cat([torch.zeros(200), torch.ones(200), torch.full((1,), 2)]).long()
+    res, metric = refine_full(x, labels, 3)
+    assert torch.bincount(res.labels, minlength=3).tolist() == [200, 200, 1]
+    assert bool(torch.isfinite(metric.logdet).all())
 
 
 def _broad_and_tight(seed: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -12,7 +12,7 @@ each cluster's share as a prior, classification EM lets large clusters absorb sm
 step by step (a synthetic case lost a 300-cell type that way), and rare populations matter here.
 
 The "full" mixture (``refine_full``) goes one step further: each cluster gets its own
-covariance, the maximum a posteriori one under an inverse-Wishart prior centred on the shared
+covariance, the posterior-mean estimate under an inverse-Wishart prior centred on the shared
 covariance with ``prior * d`` pseudo-cells (a cluster of few cells keeps the shared metric; a
 large one earns its own shape), never less than ``floor`` of it (so the rule stays a
 refinement of the shared one however many cells a cluster has), and each cluster's log-
@@ -76,7 +76,8 @@ class FullMetric:
     def scores(self, x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
         """(n, k) scores, offset so the best possible is 0: Mahalanobis distance squared plus
         the log-determinant's excess over the smallest one (the rule's own ranking, >= 0, so
-        Student's t on it keeps the assigned cluster the most probable)."""
+        Student's t on it keeps the assigned cluster the most probable). k d x d products per
+        cell: k times the shared rule's cost."""
         x = x.to(torch.float64)
         w = self.whiten.to(device=x.device, dtype=x.dtype)
         c = centroids.to(x)
