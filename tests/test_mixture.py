@@ -173,3 +173,17 @@ def test_few_cells_per_dimension_keep_the_shared_metric():
     full, metric = refine_full(x, tied.labels, 3)
     assert torch.equal(full.labels, tied.labels)
     assert metric.n_iter == 1
+
+
+def test_tied_scores_are_whitened_squared_distances():
+    """What `cicl predict` takes Student's t on for a model stored with the shared rule (the
+    default before the per-cluster step; such stored models still load as ``TiedMetric``)."""
+    x, _ = _stretched(0)
+    res, metric = refine_tied(x, kmeans(x, 3, n_init=3, seed=0).labels, 3)
+    loaded = load_metric({k: v for k, v in metric_record(metric).items() if k != "logdet"})
+    assert type(loaded) is type(metric)
+    w = metric.whiten
+    want = torch.cdist(x.double() @ w, res.centroids.double() @ w).pow(2)
+    got = loaded.scores(x, res.centroids)
+    assert torch.allclose(got, want, atol=1e-8)
+    assert torch.equal(got.argmin(1), res.labels)
