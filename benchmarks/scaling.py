@@ -22,7 +22,15 @@ import numpy as np
 import pandas as pd
 
 
-def run_one(atlas: Path, k: int, workers: int, threads: int | None, steps: int, tmp: Path):
+def run_one(
+    atlas: Path,
+    k: int,
+    workers: int,
+    threads: int | None,
+    steps: int,
+    tmp: Path,
+    overrides: dict | None = None,
+):
     from cicl.api import fit_h5ad_stream
     from cicl.config import CICLConfig
     from cicl.distributed import RayOptions
@@ -34,6 +42,7 @@ def run_one(atlas: Path, k: int, workers: int, threads: int | None, steps: int, 
             "cluster.recluster_every": 1,
             "cluster.n_init": 3,
             "cluster.kmeans_sample": 20_000,
+            **(overrides or {}),
         }
     )
     name = f"scale-{atlas.stem}-{workers}w-{threads}t-{time.time_ns()}"
@@ -58,7 +67,20 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cicl_scaling"))
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--append", action="store_true", help="keep other sizes' rows in the CSV")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (e.g. cluster.metric=euclidean), recorded per row",
+    )
+    ap.add_argument(
+        "--no-per-core", action="store_true", help="skip the one-worker, one-thread run"
+    )
     args = ap.parse_args()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
 
     import ray
 
@@ -84,14 +106,17 @@ def main() -> None:
 
         k = ad.read_h5ad(atlas, backed="r").obs["cell_type"].nunique()
         configs = [(w, None) for w in (int(s) for s in args.workers.split(","))]
-        configs.insert(1, (1, 1))  # one worker restricted to one core: per-core scaling
+        if not args.no_per_core:
+            configs.insert(1, (1, 1))  # one worker restricted to one core: per-core scaling
         for w, threads in configs:
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                uns, wall, rss = run_one(atlas, k, w, threads, args.steps, Path(tmp))
+                uns, wall, rss = run_one(atlas, k, w, threads, args.steps, Path(tmp), overrides)
             tm = uns["timings"]
             batch = 256
             row = {
                 "cells": n,
+                "metric": uns.get("metric", {}).get("kind", "?"),
+                "metric_steps": uns.get("metric", {}).get("iterations", 0),
                 "workers": w,
                 "threads_per_worker": threads or max(1, (os.cpu_count() or 1) // w),
                 "train_cells_per_s": round(
