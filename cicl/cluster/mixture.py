@@ -90,9 +90,7 @@ class FullMetric:
         return out
 
     def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-        """The best-scoring cluster for every row of ``x``."""
-        if x.shape[0] == 0:
-            return torch.zeros(0, dtype=torch.long, device=x.device)
+        """The best-scoring cluster for every row of ``x`` (none for an empty shard)."""
         return self.scores(x, centroids).argmin(1)
 
 
@@ -118,19 +116,26 @@ def ledoit_wolf(
     return (1.0 - s) * emp + s * mu * eye, s
 
 
-def _metric(
+def _centred(
     x: torch.Tensor, labels: torch.Tensor, k: int, comm: Comm
-) -> tuple[torch.Tensor, TiedMetric]:
-    """Centroids and the shared-covariance metric of a partition."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global counts and means of a partition, this shard's rows centred on their cluster's
+    mean (float64), and the global sum of their squared norms squared (Ledoit-Wolf's term)."""
     xd = x.to(torch.float64)
     counts = comm.sum(torch.bincount(labels, minlength=k).to(torch.float64))
     sums = comm.sum(xd.new_zeros(k, x.shape[1]).index_add_(0, labels, xd))
     cents = sums / counts.clamp_min(1)[:, None]
     r = xd - cents[labels]
-    scatter = comm.sum(r.T @ r)
     fourth = comm.sum(((r * r).sum(1) ** 2).sum())
-    n = float(counts.sum())
-    cov, s = ledoit_wolf(scatter, fourth, n)
+    return counts, cents, r, fourth
+
+
+def _metric(
+    x: torch.Tensor, labels: torch.Tensor, k: int, comm: Comm
+) -> tuple[torch.Tensor, TiedMetric]:
+    """Centroids and the shared-covariance metric of a partition."""
+    counts, cents, r, fourth = _centred(x, labels, k, comm)
+    cov, s = ledoit_wolf(comm.sum(r.T @ r), fourth, float(counts.sum()))
     return cents, TiedMetric(_whitening(cov)[0], s, 0)
 
 
@@ -165,20 +170,15 @@ def _full_metric(
 ) -> tuple[torch.Tensor, FullMetric]:
     """Centroids and the per-cluster metric of a partition: every cluster's scatter is
     reduced (k d x d matrices), the shared covariance is their Ledoit-Wolf-shrunk sum."""
-    xd = x.to(torch.float64)
+    counts, cents, r, fourth = _centred(x, labels, k, comm)
     d = x.shape[1]
-    counts = comm.sum(torch.bincount(labels, minlength=k).to(torch.float64))
-    sums = comm.sum(xd.new_zeros(k, d).index_add_(0, labels, xd))
-    cents = sums / counts.clamp_min(1)[:, None]
-    r = xd - cents[labels]
-    scatter = xd.new_zeros(k, d, d)
+    scatter = r.new_zeros(k, d, d)
     for j in range(k):
         rj = r[labels == j]
         scatter[j] = rj.T @ rj
     scatter = comm.sum(scatter)
-    fourth = comm.sum(((r * r).sum(1) ** 2).sum())
     shared, s = ledoit_wolf(scatter.sum(0), fourth, float(counts.sum()))
-    whiten, logdet = xd.new_empty(k, d, d), xd.new_empty(k)
+    whiten, logdet = r.new_empty(k, d, d), r.new_empty(k)
     for j in range(k):
         n_k = float(counts[j])
         a = shared_weight(prior, floor, d, n_k)
