@@ -14,7 +14,7 @@ import pandas as pd
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.config import CICLConfig
 from cicl.data.io import check_matrix
-from cicl.data.preprocess import preprocess
+from cicl.data.preprocess import choose_matrix, preprocess, record_matrix
 from cicl.errors import InputError
 from cicl.objective import score_labels
 from cicl.reference import model_record
@@ -29,7 +29,7 @@ def fit(
     n_clusters: int | None = None,
     *,
     config: CICLConfig | None = None,
-    layer: str | None = None,
+    layer: str | None = "auto",
     batch_key: str | None = None,
     key_added: str = DEFAULT_KEY,
     copy: bool = False,
@@ -39,7 +39,10 @@ def fit(
 ) -> ad.AnnData | None:
     """Cluster cells with CICL.
 
-    ``adata.X`` (or ``layer``) is never modified. When ``n_clusters`` is None it is estimated
+    ``adata.X`` (or ``layer``) is never modified. ``layer``: ``"auto"`` reads X, or the raw
+    counts a log-normalised object keeps in ``layers["counts"]`` (or a similar name) or
+    ``.raw`` (``choose_matrix``); ``"X"``, ``"raw"`` or a layer name pick one.
+    When ``n_clusters`` is None it is estimated
     without labels (scanpy's default Leiden on the PCA; see ``cicl.data.estimate``).
     ``batch_key`` (an obs column: sample, donor, run) selects HVGs within batches and removes
     per-batch gene shifts with scanpy's ComBat before scaling (``preprocess.batch_key``).
@@ -64,7 +67,8 @@ def fit(
     if batch_key is not None:
         cfg = cfg.with_overrides({"preprocess.batch_key": batch_key})
     adata = adata.copy() if copy else adata
-    check_matrix(adata, layer)
+    mat = choose_matrix(adata, layer)
+    check_matrix(mat.source, mat.layer)
     if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > adata.n_obs:
         raise InputError(
             f"--n-clusters {cfg.cluster.n_clusters} exceeds the number of cells ({adata.n_obs}). "
@@ -73,7 +77,8 @@ def fit(
     t0 = time.perf_counter()
     # with a batch key, keep ComBat's map: stored with the model, so ``predict`` can apply it
     keep_map = cfg.preprocess.batch_key is not None
-    prep = preprocess(adata, cfg.preprocess, layer=layer, keep_combat_map=keep_map)
+    prep = preprocess(mat.source, cfg.preprocess, layer=mat.layer, keep_combat_map=keep_map)
+    record_matrix(prep.info, mat)
     k, source = _choose_k(cfg, prep.pcs)
     cfg = resolve_cap(cfg, prep.pcs, k, estimated=cfg.cluster.n_clusters is None)
     source = cap_note(cfg, k, source)

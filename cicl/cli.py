@@ -21,6 +21,11 @@ from cicl.objective import OBJECTIVES
 STREAM_MIN_CELLS = 200_000
 
 
+LAYER_HELP = (
+    "which matrix to read: 'auto' (default) reads X, or the raw counts a log-normalised "
+    "object keeps in layers['counts'] (or a similar name) or .raw; 'X', 'raw' or a layer name "
+    "pick one"
+)
 BATCH_HELP = (
     "obs column naming each cell's batch (sample/donor/run): HVGs within batches and "
     "scanpy's ComBat before scaling"
@@ -133,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set loss.temperature=0.3",
     )
-    f.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
+    f.add_argument("--layer", default="auto", help=LAYER_HELP)
     f.add_argument("--key-added", default="cicl")
     f.add_argument(
         "--plot",
@@ -177,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="obs column with known labels: ARI/NMI are reported, never used to choose",
     )
-    q.add_argument("--layer", default=None, help="use adata.layers[LAYER] instead of X")
+    q.add_argument("--layer", default="auto", help=LAYER_HELP)
     q.add_argument(
         "--stream",
         action="store_true",
@@ -231,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-tables", action="store_true", help="Ray Tune's own trial-status tables instead"
     )
     t.add_argument("--batch-key", default=None, help=BATCH_HELP)
+    t.add_argument("--layer", default="auto", help=LAYER_HELP)
     t.add_argument("--config", "-c", default=None, help="base YAML config for every trial")
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="base config override"
@@ -402,7 +408,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ref = load_reference(ref_path, args.key)  # checked before the (maybe large) input is read
     stream = _wants_stream(args)
-    if stream and args.layer is not None:
+    if stream and args.layer != "auto":
         raise CICLError("--layer is not supported with --stream; put the values in X.")
     adata = _open_backed(args.input) if stream else read_input(args.input)
     _check_label_key(adata, args.label_key)
@@ -419,6 +425,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
         "values": info["values"],
+        "matrix": str(info.get("matrix", "X")),
         "n_genes_model": int(info["n_genes_model"]),
         "n_genes_missing": int(info["n_genes_missing"]),
         "n_clusters": int(info["n_clusters"]),
@@ -515,7 +522,7 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
 
     from cicl.api import fit_h5ad_stream, score
 
-    if args.layer is not None:
+    if args.layer != "auto":
         raise CICLError("--layer is not supported with --stream; put the counts in X.")
     if args.plot:
         raise CICLError("--plot is not supported with --stream (an atlas UMAP is too slow).")
@@ -532,6 +539,7 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
         progress=not args.quiet and sys.stderr.isatty(),
     )
     pre = info["preprocess"]
+    _stream_counts_hint(args.input, pre["values"])
     result = {**_result(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
     res = ad.read_h5ad(out, backed="r")
     if args.label_key is not None:
@@ -547,6 +555,27 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
     return 0
 
 
+def _stream_counts_hint(path: str, values: str) -> None:
+    """Streaming reads X only: say so when X holds no counts but the file keeps some."""
+    if values == "counts":
+        return
+    import h5py
+
+    from cicl.data.preprocess import COUNT_LAYERS
+
+    with h5py.File(path, "r") as f:
+        layers = [str(n) for n in f["layers"]] if "layers" in f else []
+        kept = [f"layers['{n}']" for n in layers if n in COUNT_LAYERS or "count" in n.lower()]
+        kept += ["raw.X"] if "raw" in f else []
+    if kept:
+        print(
+            f"warning: X holds {values} values; the file also has {', '.join(kept)}, but a "
+            "streamed fit reads X only. To fit the raw counts (the count decoder), store them "
+            "as X, or fit in memory (without --stream), which reads them itself.",
+            file=sys.stderr,
+        )
+
+
 def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
     """The summary/--json fields of a fit, from its ``uns`` entry."""
     return {
@@ -559,6 +588,7 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
             else {}
         ),
         "values": info["preprocess"]["values"],
+        "matrix": str(info["preprocess"].get("matrix", "X")),
         "n_clusters": int(info["n_clusters"]),
         "n_clusters_source": info["n_clusters_source"],
         "epochs": int(info["epochs"]),
@@ -599,7 +629,9 @@ def _weight_source(info: dict) -> str:
 def _summary(obs, key: str, r: dict[str, Any]) -> None:
     sizes = obs[key].value_counts().sort_index()
     lines = [
-        f"CICL: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}; "
+        f"CICL: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}"
+        + (f" from {r['matrix']}" if r.get("matrix", "X") != "X" else "")
+        + "; "
         f"{r['n_genes_used']} genes used"
         + (f"; ComBat over {r['n_batches']} batches" if r.get("n_batches", 1) > 1 else "")
         + ")",
@@ -681,7 +713,7 @@ def _int_at_least(name: str, value: str, low: int) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.api import _choose_k, resolve_cap, write_result
     from cicl.data.io import check_matrix, check_output, read_input, write_h5ad_atomic
-    from cicl.data.preprocess import preprocess
+    from cicl.data.preprocess import choose_matrix, preprocess, record_matrix
     from cicl.reference import model_record, prep_record
     from cicl.sweep import SweepOptions, load_space, run_sweep
     from cicl.tracking import mlflow_ui_command, resolve_mlflow_uri, runs_table, short_param
@@ -712,13 +744,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CICLError(f"--objective {args.objective} optimises against labels: give --label-key.")
     t0 = time.perf_counter()
     adata = read_input(args.input)
-    check_matrix(adata)
+    mat = choose_matrix(adata, args.layer)
+    check_matrix(mat.source, mat.layer)
     truth = None
     _check_label_key(adata, args.label_key)
     if args.label_key is not None:
         truth = adata.obs[args.label_key].astype(str).to_numpy()
     keep_map = base.preprocess.batch_key is not None  # ComBat's map, for the stored model
-    prep = preprocess(adata, base.preprocess, keep_combat_map=keep_map)
+    prep = preprocess(mat.source, base.preprocess, layer=mat.layer, keep_combat_map=keep_map)
+    record_matrix(prep.info, mat)
     for w in prep.info.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     if truth is not None:

@@ -26,7 +26,7 @@ from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.cluster.kmeans import distance_percentile, distance_quantiles
 from cicl.config import CICLConfig
 from cicl.data.io import check_finite, check_matrix
-from cicl.data.preprocess import Prepared, detect_values
+from cicl.data.preprocess import Prepared, choose_matrix, detect_values
 from cicl.data.stream import BlockTransform
 from cicl.errors import InputError
 from cicl.model.modules import student_t_q
@@ -140,7 +140,7 @@ def predict(
     *,
     key: str = DEFAULT_KEY,
     key_added: str | None = None,
-    layer: str | None = None,
+    layer: str | None = "auto",
     batch_key: str | None = None,
     copy: bool = False,
     block: int = 50_000,
@@ -148,7 +148,8 @@ def predict(
     """Assign the cells of ``adata`` to the clusters of a fitted ``reference`` (an AnnData or
     ``.h5ad`` path that ``cicl.fit`` / ``cicl fit`` wrote under ``key``), without refitting.
 
-    Genes are matched by name; genes the model uses that ``adata`` lacks are set to the
+    ``layer`` picks the matrix as in ``cicl.fit`` (``"auto"``: X, or the raw counts a
+    log-normalised object keeps). Genes are matched by name; genes the model uses that ``adata`` lacks are set to the
     reference cells' mean (at most half may be missing). If the reference was batch-corrected,
     cells whose ``batch_key`` value (default: the reference's key) is a reference batch get that
     batch's ComBat map; other cells are left uncorrected, with a warning.
@@ -178,9 +179,10 @@ def predict(
     if adata.isbacked and copy:
         raise InputError("copy=True needs cells in memory; a backed AnnData is annotated in place.")
     adata = adata.copy() if copy else adata
-    check_matrix(adata, layer, min_cells=1)
-    X = adata.layers[layer] if layer is not None else adata.X
-    t = query_transform(adata, model, layer)
+    mat = choose_matrix(adata, layer)  # the same choice as the fit's (raw counts if kept)
+    check_matrix(mat.source, mat.layer, min_cells=1)
+    X = mat.source.layers[mat.layer] if mat.layer is not None else mat.source.X
+    t = query_transform(mat.source, model, mat.layer)
     genes = np.asarray(model["genes"])
     n_missing = int((t.gene_idx < 0).sum())
     kind = t.kind
@@ -235,6 +237,7 @@ def predict(
         "reference_key": key,
         "n_clusters": k,
         "values": kind,
+        "matrix": mat.name,
         "n_genes_model": int(len(genes)),
         "n_genes_missing": n_missing,
         "n_cells_uncorrected": int(n_uncorrected),

@@ -102,6 +102,32 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
     assert 0 <= line["metric_shrinkage"] <= 1 and "shared-covariance" in cap.err
 
 
+def test_cli_reads_the_counts_of_a_log_normalised_object(tmp_path, syn, tiny_cfg, capsys):
+    """`--layer auto` (default): X log-normalised, counts in layers["counts"] -> the counts
+    are read and the summary says so; `--layer X` keeps X (and the Gaussian decoder)."""
+    import scanpy as sc
+
+    syn.layers["counts"] = syn.X.copy()
+    sc.pp.normalize_total(syn, target_sum=1e4)
+    sc.pp.log1p(syn)
+    inp = _write(tmp_path, syn)
+    cfg = tmp_path / "cfg.yaml"
+    tiny_cfg.to_yaml(cfg)
+    lines = {}
+    for layer in ("auto", "X"):
+        out = tmp_path / f"{layer}.h5ad"
+        args = ["fit", str(inp), "--out", str(out), "-k", "3", "--config", str(cfg)]
+        assert main([*args, "--layer", layer, "--json", "--quiet"]) == 0
+        cap = capsys.readouterr()
+        lines[layer] = (json.loads(cap.out.strip().splitlines()[-1]), cap.err)
+    auto, err = lines["auto"]
+    assert (auto["values"], auto["matrix"], auto["decoder"]) == ("counts", "layers['counts']", "nb")
+    assert "(counts from layers['counts'];" in err
+    kept, err = lines["X"]
+    assert (kept["values"], kept["matrix"], kept["decoder"]) == ("log", "X", "gaussian")
+    assert "from layers" not in err
+
+
 @pytest.mark.parametrize(
     "extra, msg",
     [
@@ -110,6 +136,7 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
         (["-k", "100000"], "exceeds the number of cells"),
         (["--label-key", "nope"], "not an obs column"),
         (["--set", "loss.temprature=0.1"], "Did you mean 'loss.temperature'"),
+        (["--layer", "spliced"], "Layer 'spliced' not found; available: X"),
     ],
 )
 def test_cli_bad_input_one_clear_error(tmp_path, syn, capsys, extra, msg):

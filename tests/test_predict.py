@@ -127,6 +127,33 @@ def test_genes_are_matched_by_name(pollen_split):
     assert np.mean(part.obs["cicl"].to_numpy() == base) > 0.9
 
 
+def test_log_normalised_objects_are_fitted_and_mapped_from_their_counts(pollen_split):
+    """X log-normalised with the counts in layers["counts"] (scanpy's usual layout): ``fit``
+    and ``predict`` read the counts, so labels equal those from counts in X."""
+    import scanpy as sc
+
+    ref, query, _ = pollen_split
+
+    def layered(a: ad.AnnData) -> ad.AnnData:
+        b = ad.AnnData(X=a.X.copy(), obs=a.obs[["cell_type"]].copy(), var=a.var.copy())
+        b.layers["counts"] = a.X.copy()
+        sc.pp.normalize_total(b, target_sum=1e4)
+        sc.pp.log1p(b)
+        return b
+
+    b = layered(ref)
+    cicl.fit(b, 11, progress=False)
+    assert np.array_equal(b.obs["cicl"].to_numpy(), ref.obs["cicl"].to_numpy())
+    pre = b.uns["cicl"]["preprocess"]
+    assert (pre["values"], pre["matrix"]) == ("counts", "layers['counts']")
+    assert b.uns["cicl"]["decoder"] == "nb"
+    q = layered(query)
+    out = cicl.predict(q, ref, copy=True)
+    assert out.uns["cicl"]["matrix"] == "layers['counts']"
+    base = cicl.predict(query, ref, copy=True)
+    assert np.array_equal(out.obs["cicl"].to_numpy(), base.obs["cicl"].to_numpy())
+
+
 def test_predict_refuses_what_it_cannot_map(pollen_split, data_dir):
     ref, query, _ = pollen_split
     renamed = query.copy()

@@ -48,3 +48,46 @@ def test_dense_and_sparse_inputs_agree():
     pa = preprocess(a, PreprocessConfig(n_pcs=5))
     pb = preprocess(b, PreprocessConfig(n_pcs=5))
     assert np.allclose(pa.x, pb.x, atol=1e-4)
+
+
+def _log_normalised(a: ad.AnnData) -> ad.AnnData:
+    """The usual scanpy layout after normalisation: log-normalised X, counts kept aside."""
+    import scanpy as sc
+
+    b = a.copy()
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    return b
+
+
+def test_auto_matrix_reads_the_counts_a_log_normalised_object_keeps():
+    from cicl.data.preprocess import choose_matrix, record_matrix
+    from cicl.errors import InputError
+
+    a = synthetic_adata(n_cells=60, n_genes=40)
+    assert choose_matrix(a).name == "X"  # X holds counts: X
+    b = _log_normalised(a)
+    assert choose_matrix(b).name == "X"  # no counts anywhere: X
+    for name in ("counts", "raw_counts", "UMI_counts"):
+        c = b.copy()
+        c.layers[name] = a.X.copy()
+        m = choose_matrix(c)
+        assert (m.layer, m.name) == (name, f"layers['{name}']") and m.source is c
+        assert "X holds log values" in m.note
+        assert choose_matrix(c, "X").name == "X"  # the user can keep X
+    c = b.copy()
+    c.layers["counts"] = b.X.copy()  # named counts, holds log values: not taken
+    assert choose_matrix(c).name == "X"
+    c = b.copy()
+    c.raw = a  # CELLxGENE's layout: counts in .raw
+    m = choose_matrix(c)
+    assert m.name == "raw.X" and m.layer is None and m.source.shape == a.shape
+    p = preprocess(m.source, PreprocessConfig(n_pcs=5), layer=m.layer)
+    record_matrix(p.info, m)
+    assert p.info["values"] == "counts" and p.info["matrix"] == "raw.X"
+    assert p.info["steps"][0].startswith("X holds log values, the raw counts are in raw.X")
+    ref = preprocess(a, PreprocessConfig(n_pcs=5))
+    assert np.allclose(p.x, ref.x) and np.array_equal(p.counts, ref.counts)
+    assert choose_matrix(c, "raw").name == "raw.X"
+    with pytest.raises(InputError, match="Layer 'spliced' not found; available: X, raw"):
+        choose_matrix(c, "spliced")

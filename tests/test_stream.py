@@ -102,3 +102,21 @@ def test_stream_rejects_non_h5ad(tmp_path, capsys):
     f.write_text("c,g1\na,1\n")
     rc = main(["fit", str(f), "--out", str(tmp_path / "o.h5ad"), "--stream"])
     assert rc == 2 and "--stream reads .h5ad files only" in capsys.readouterr().err
+
+
+def test_streamed_fit_says_when_the_counts_sit_beside_x(tmp_path, capsys):
+    """A streamed fit reads X only; with log values in X and counts kept in a layer or
+    ``.raw``, the user is told how to fit the counts (nothing said when X holds counts)."""
+    from cicl.cli import _stream_counts_hint
+    from cicl.data.synthetic import synthetic_adata
+
+    a = synthetic_adata(n_cells=30, n_genes=20)
+    a.layers["raw_counts"] = a.X.copy()
+    a.raw = a
+    p = tmp_path / "a.h5ad"
+    a.write_h5ad(p)
+    _stream_counts_hint(str(p), "log")
+    err = capsys.readouterr().err
+    assert "layers['raw_counts'], raw.X" in err and "store them as X" in err
+    _stream_counts_hint(str(p), "counts")
+    assert capsys.readouterr().err == ""

@@ -65,6 +65,62 @@ def detect_values(X, sample: int = 2_000_000) -> ValueKind:
     return "log"
 
 
+# layers scverse tools conventionally keep raw counts in (scvi-tools, CELLxGENE: ``raw.X``)
+COUNT_LAYERS = ("counts", "raw_counts", "counts_raw", "umi_counts")
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """Which matrix of an AnnData the fit reads: ``source`` (the AnnData itself, or its
+    ``.raw`` as one) and ``layer`` in it; ``name`` says which, for the record."""
+
+    source: ad.AnnData
+    layer: str | None
+    name: str
+    note: str | None = None  # why, when chosen automatically over X
+
+
+def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
+    """The matrix to cluster. ``"X"`` / None: X; ``"raw"``: ``adata.raw.X`` (unless a layer
+    has that name); another name: that layer. ``"auto"`` (the default): X, unless X holds no
+    raw counts and the object keeps them elsewhere (a layer named as in ``COUNT_LAYERS`` or
+    containing "count", else ``.raw``), the usual scanpy layout after normalisation. Why: the
+    count decoder needs counts, and on log-normalised X alone the fit loses much (young_kidney
+    ARI 0.53 vs 0.70 from its counts, README)."""
+    if layer is None or layer == "X":
+        return Matrix(adata, None, "X")
+    if layer in adata.layers:
+        return Matrix(adata, layer, f"layers['{layer}']")
+    if layer == "raw" and adata.raw is not None:
+        return Matrix(adata.raw.to_adata(), None, "raw.X")
+    if layer != "auto":
+        options = ", ".join(["X", *map(str, adata.layers), *(["raw"] if adata.raw else [])])
+        raise InputError(f"Layer '{layer}' not found; available: {options}.")
+    if adata.X is None or adata.isbacked or detect_values(adata.X) == "counts":
+        return Matrix(adata, None, "X")
+    held = detect_values(adata.X)
+    named = [n for n in COUNT_LAYERS if n in adata.layers]
+    named += [n for n in map(str, adata.layers) if "count" in n.lower() and n not in named]
+    why = f"X holds {held} values, the raw counts are in "
+    for name in named:
+        if _holds_counts(adata.layers[name]):
+            return Matrix(adata, name, f"layers['{name}']", why + f"layers['{name}']")
+    if adata.raw is not None and _holds_counts(adata.raw.X):
+        return Matrix(adata.raw.to_adata(), None, "raw.X", why + "raw.X")
+    return Matrix(adata, None, "X")
+
+
+def record_matrix(info: dict, mat: Matrix) -> None:
+    """Note in ``uns["cicl"]["preprocess"]`` which matrix was read, and why when not X."""
+    info["matrix"] = mat.name
+    if mat.note is not None:
+        info["steps"].insert(0, f"{mat.note}: read those (--layer X keeps X)")
+
+
+def _holds_counts(X) -> bool:
+    return X is not None and _values(X).size > 0 and detect_values(X) == "counts"
+
+
 def preprocess(
     adata: ad.AnnData,
     cfg: PreprocessConfig,
