@@ -78,8 +78,13 @@ def main() -> None:
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "input_layout.csv", index=False)
+    print(write_table(df, args.out))
+
+
+def write_table(df: pd.DataFrame, out: Path) -> str:
+    """input_layout.md from the per-fit rows (also for rows merged from split runs)."""
     g = df.groupby(["dataset", "layer"])["ari"].agg(["mean", "std"]).unstack("layer")
-    order = [n for n in args.datasets.split(",") if n in g.index]
+    order = [n for n in COUNT_SETS if n in g.index]
     lines = [
         "| dataset | auto: counts from layers['counts'] | X: log-normalised values only |",
         "|---|---|---|",
@@ -89,12 +94,14 @@ def main() -> None:
         lines.append(f"| {n} | {' | '.join(cells)} |")
     means = df.groupby("layer")["ari"].mean()
     lines.append(f"| mean | **{means['auto']:.3f}** | **{means['X']:.3f}** |")
-    (args.out / "input_layout.md").write_text(
-        f"ARI, mean ± sd over seeds 0-{args.seeds - 1} (1 thread per fit, true K)\n\n"
-        + "\n".join(lines)
+    seeds = sorted(df["seed"].unique())
+    text = "\n".join(lines)
+    (out / "input_layout.md").write_text(
+        f"ARI, mean ± sd over seeds {seeds[0]}-{seeds[-1]} (1 thread per fit, true K)\n\n"
+        + text
         + "\n"
     )
-    print("\n".join(lines))
+    return text
 
 
 if __name__ == "__main__":
