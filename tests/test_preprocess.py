@@ -91,3 +91,6 @@ def test_auto_matrix_reads_the_counts_a_log_normalised_object_keeps():
     assert choose_matrix(c, "raw").name == "raw.X"
     with pytest.raises(InputError, match="Layer 'spliced' not found; available: X, raw"):
         choose_matrix(c, "spliced")
+    c = ad.AnnData(obs=a.obs, var=a.var)  # no X at all, counts in a layer
+    c.layers["counts"] = a.X.copy()
+    assert choose_matrix(c).note == "X is empty, the raw counts are in layers['counts']"

@@ -96,12 +96,12 @@ def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
     if layer != "auto":
         options = ", ".join(["X", *map(str, adata.layers), *(["raw"] if adata.raw else [])])
         raise InputError(f"Layer '{layer}' not found; available: {options}.")
-    if adata.X is None or adata.isbacked or detect_values(adata.X) == "counts":
+    if adata.isbacked or (adata.X is not None and detect_values(adata.X) == "counts"):
         return Matrix(adata, None, "X")
-    held = detect_values(adata.X)
+    held = "X is empty" if adata.X is None else f"X holds {detect_values(adata.X)} values"
     named = [n for n in COUNT_LAYERS if n in adata.layers]
     named += [n for n in map(str, adata.layers) if "count" in n.lower() and n not in named]
-    why = f"X holds {held} values, the raw counts are in "
+    why = f"{held}, the raw counts are in "
     for name in named:
         if _holds_counts(adata.layers[name]):
             return Matrix(adata, name, f"layers['{name}']", why + f"layers['{name}']")
