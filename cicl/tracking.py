@@ -318,6 +318,7 @@ def log_fit(
         **used.flat(),
         "n_clusters_source": info["n_clusters_source"],
         "values": info["preprocess"]["values"],
+        "matrix": str(info["preprocess"].get("matrix", "X")),  # X, layers['counts'], raw.X
         "n_genes_used": int(info["preprocess"]["n_genes_used"]),
         "workers": int(info.get("workers", 1)),
         # the hybrid space's PCA weight as used (``cluster.pca_weight`` is None under the rule)
