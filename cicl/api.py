@@ -258,11 +258,14 @@ def fit_h5ad_stream(
     key_added: str = DEFAULT_KEY,
     n_sample: int = 20_000,
     progress: bool = True,
+    layer: str | None = "auto",
 ) -> dict:
     """Cluster an ``.h5ad`` atlas without loading it: preprocessing is fitted on a random
     sample, training and K-means stream blocks from the file (over Ray Train workers with
     ``ray_options``, else in this process), and ``out`` is the input file plus
-    ``obs[key_added]``, ``obsm["X_" + key_added]`` and ``uns[key_added]``. Returns uns."""
+    ``obs[key_added]``, ``obsm["X_" + key_added]`` and ``uns[key_added]``. ``layer`` picks
+    the matrix as in ``fit`` (CELLxGENE's layout, counts in raw/X, is read from them).
+    Returns uns."""
     from cicl.data.io import annotate_h5ad_copy
     from cicl.data.stream import H5adSource, fit_on_sample
     from cicl.distributed import StreamSetup, fit_ray_stream, model_init
@@ -272,7 +275,9 @@ def fit_h5ad_stream(
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
     t0 = time.perf_counter()
-    transform, prep, n, _ = fit_on_sample(path, cfg.preprocess, n_sample, seed=cfg.seed)
+    transform, prep, n, _ = fit_on_sample(
+        path, cfg.preprocess, n_sample, seed=cfg.seed, layer=layer
+    )
     if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > n:
         raise InputError(f"--n-clusters {cfg.cluster.n_clusters} exceeds the {n} cells.")
     k, source = _choose_k(cfg, prep.pcs)

@@ -522,8 +522,6 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
 
     from cicl.api import fit_h5ad_stream, score
 
-    if args.layer != "auto":
-        raise CICLError("--layer is not supported with --stream; put the counts in X.")
     if args.plot:
         raise CICLError("--plot is not supported with --stream (an atlas UMAP is too slow).")
     obs = ad.read_h5ad(args.input, backed="r").obs
@@ -537,9 +535,9 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
         ray_options=ray_opts,
         key_added=args.key_added,
         progress=not args.quiet and sys.stderr.isatty(),
+        layer=args.layer,
     )
     pre = info["preprocess"]
-    _stream_counts_hint(args.input, pre["values"])
     result = {**_result(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
     res = ad.read_h5ad(out, backed="r")
     if args.label_key is not None:
@@ -553,27 +551,6 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
     if args.json:
         print(json.dumps(result))
     return 0
-
-
-def _stream_counts_hint(path: str, values: str) -> None:
-    """Streaming reads X only: say so when X holds no counts but the file keeps some."""
-    if values == "counts":
-        return
-    import h5py
-
-    from cicl.data.preprocess import COUNT_LAYERS
-
-    with h5py.File(path, "r") as f:
-        layers = [str(n) for n in f["layers"]] if "layers" in f else []
-        kept = [f"layers['{n}']" for n in layers if n in COUNT_LAYERS or "count" in n.lower()]
-        kept += ["raw.X"] if "raw" in f else []
-    if kept:
-        print(
-            f"warning: X holds {values} values; the file also has {', '.join(kept)}, but a "
-            "streamed fit reads X only. To fit the raw counts (the count decoder), store them "
-            "as X, or fit in memory (without --stream), which reads them itself.",
-            file=sys.stderr,
-        )
 
 
 def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:

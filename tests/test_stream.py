@@ -73,12 +73,12 @@ def test_cli_fit_stream_single_process(sim, tmp_path):
     from cicl.cli import main
 
     out = tmp_path / "o.h5ad"
-    rc = main(
+    args = (
         ["fit", str(sim), "--out", str(out), "-k", "11", "--stream", "--quiet"]
         + ["--label-key", "cell_type", "--set", "train.block_size=512"]
         + ["--set", "cluster.kmeans_sample=1500", "--set", "train.max_steps=60"]
     )
-    assert rc == 0
+    assert main(args) == 0
     a, src = ad.read_h5ad(out), ad.read_h5ad(sim)
     assert (a.X != src.X).nnz == 0  # the input's data is carried over untouched
     assert a.obs["cicl"].dtype.name == "category" and a.obs["cicl"].nunique() == 11
@@ -93,6 +93,20 @@ def test_cli_fit_stream_single_process(sim, tmp_path):
     src.obs = src.obs[["cell_type"]]
     cicl.predict(src, a, key_added="p")
     assert np.mean(src.obs["p"].to_numpy() == a.obs["cicl"].to_numpy()) > 0.99
+    # the same atlas log-normalised, its counts in a layer: streamed from them, same labels
+    import scanpy as sc
+
+    logged = ad.read_h5ad(sim)
+    logged.layers["counts"] = logged.X.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    inp, out2 = tmp_path / "logged.h5ad", tmp_path / "o2.h5ad"
+    logged.write_h5ad(inp)
+    args[1], args[3] = str(inp), str(out2)
+    assert main(args) == 0
+    b = ad.read_h5ad(out2)
+    assert b.uns["cicl"]["preprocess"]["matrix"] == "layers['counts']"
+    assert np.array_equal(b.obs["cicl"].to_numpy(), a.obs["cicl"].to_numpy())
 
 
 def test_stream_rejects_non_h5ad(tmp_path, capsys):
@@ -104,19 +118,40 @@ def test_stream_rejects_non_h5ad(tmp_path, capsys):
     assert rc == 2 and "--stream reads .h5ad files only" in capsys.readouterr().err
 
 
-def test_streamed_fit_says_when_the_counts_sit_beside_x(tmp_path, capsys):
-    """A streamed fit reads X only; with log values in X and counts kept in a layer or
-    ``.raw``, the user is told how to fit the counts (nothing said when X holds counts)."""
-    from cicl.cli import _stream_counts_hint
-    from cicl.data.synthetic import synthetic_adata
+def test_streamed_fit_reads_the_counts_kept_beside_log_normalised_x(sim, tmp_path):
+    """A log-normalised atlas with its counts in a layer, or in raw/X with more genes
+    (CELLxGENE's layout): the streamed preprocessing finds them on the sample and every block
+    is read from them, giving exactly the model input of the counts file."""
+    import scanpy as sc
 
-    a = synthetic_adata(n_cells=30, n_genes=20)
-    a.layers["raw_counts"] = a.X.copy()
-    a.raw = a
-    p = tmp_path / "a.h5ad"
-    a.write_h5ad(p)
-    _stream_counts_hint(str(p), "log")
-    err = capsys.readouterr().err
-    assert "layers['raw_counts'], raw.X" in err and "store them as X" in err
-    _stream_counts_hint(str(p), "counts")
-    assert capsys.readouterr().err == ""
+    from cicl.config import PreprocessConfig
+    from cicl.data.stream import H5adSource, fit_on_sample
+    from cicl.errors import InputError
+
+    a = ad.read_h5ad(sim)
+    b = a.copy()
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    layered, rawed = b.copy(), b[:, :400].copy()  # raw keeps all 500 genes, X 400 of them
+    layered.layers["counts"] = a.X.copy()
+    rawed.raw = a
+    cfg = PreprocessConfig(n_pcs=10, n_top_genes=200)
+    t0, p0, _, _ = fit_on_sample(sim, cfg, n_sample=1000)
+    want = H5adSource(sim, 0, 3000, t0).read_counts(np.arange(100, 400))
+    for obj, matrix, name in (
+        (layered, "layers/counts", "layers['counts']"),
+        (rawed, "raw/X", "raw.X"),
+    ):
+        path = tmp_path / f"{matrix.replace('/', '_')}.h5ad"
+        obj.write_h5ad(path)
+        t, p, n, g = fit_on_sample(path, cfg, n_sample=1000)
+        assert (t.matrix, t.kind, p.info["matrix"], g) == (matrix, "counts", name, 500)
+        assert p.info["steps"][0].startswith(f"X holds log values, the raw counts are in {name}")
+        assert np.array_equal(p.genes, p0.genes)
+        got = H5adSource(path, 0, 3000, t).read_counts(np.arange(100, 400))
+        for x, y in zip(got, want, strict=True):
+            assert np.allclose(x, y, atol=1e-5)
+    t, p, _, _ = fit_on_sample(path, cfg, n_sample=1000, layer="X")  # the user keeps X
+    assert (t.matrix, t.kind, p.info["matrix"]) == ("X", "log", "X")
+    with pytest.raises(InputError, match="Layer 'spliced' not found; available: X, raw"):
+        fit_on_sample(path, cfg, n_sample=1000, layer="spliced")

@@ -25,7 +25,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
-from cicl.data.preprocess import Prepared, batches, detect_values, preprocess
+from cicl.data.preprocess import (
+    COUNT_LAYERS,
+    Matrix,
+    Prepared,
+    batches,
+    detect_values,
+    preprocess,
+    record_matrix,
+)
 from cicl.errors import InputError
 
 
@@ -45,6 +53,7 @@ class BlockTransform:
     batch_codes: np.ndarray | None = None  # (n_cells_in_file,)
     batch_slope: np.ndarray | None = None  # (n_batches, genes used)
     batch_shift: np.ndarray | None = None
+    matrix: str = "X"  # the file's matrix the rows come from: "X", "layers/<name>", "raw/X"
 
     def __call__(self, X, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Model input and PCs of raw rows ``X`` (file rows ``rows``, needed with batches)."""
@@ -80,9 +89,10 @@ class BlockTransform:
         return c
 
 
-def _read_rows(f: h5py.File, rows: np.ndarray):
-    """Rows (sorted) of X, as CSR; contiguous runs read as slices."""
-    X = f["X"]
+def _read_rows(f: h5py.File, rows: np.ndarray, matrix: str = "X"):
+    """Rows (sorted) of the file's ``matrix`` (X, a layer, raw/X), as CSR; contiguous runs read
+    as slices."""
+    X = f[matrix]
     if isinstance(X, h5py.Dataset):  # dense X
         if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
             return sp.csr_matrix(X[int(rows[0]) : int(rows[-1]) + 1])
@@ -93,14 +103,60 @@ def _read_rows(f: h5py.File, rows: np.ndarray):
     return ds[rows]
 
 
+def _choose_stream_matrix(
+    f: h5py.File, rows: np.ndarray, layer: str | None
+) -> tuple[str, str, object, str | None]:
+    """``cicl.data.preprocess.choose_matrix`` for a file on disk, judged on the sample's rows:
+    (h5 path, name for the record, the sample's rows of it, why when chosen over X)."""
+    layers = [str(k) for k in f["layers"]] if "layers" in f else []
+    if layer is None or layer == "X":
+        return "X", "X", _read_rows(f, rows), None
+    if layer in layers:
+        return f"layers/{layer}", f"layers['{layer}']", _read_rows(f, rows, f"layers/{layer}"), None
+    if layer == "raw" and "raw" in f:
+        return "raw/X", "raw.X", _read_rows(f, rows, "raw/X"), None
+    if layer != "auto":
+        options = ", ".join(["X", *layers, *(["raw"] if "raw" in f else [])])
+        raise InputError(f"Layer '{layer}' not found; available: {options}.")
+    X = _read_rows(f, rows) if "X" in f else None
+    held = "X is empty" if X is None else f"X holds {detect_values(X)} values"
+    if X is not None and detect_values(X) == "counts":
+        return "X", "X", X, None
+    named = [n for n in COUNT_LAYERS if n in layers]
+    named += [n for n in layers if "count" in n.lower() and n not in named]
+    candidates = [(f"layers/{n}", f"layers['{n}']") for n in named]
+    candidates += [("raw/X", "raw.X")] if "raw" in f else []
+    for key, name in candidates:
+        S = _read_rows(f, rows, key)
+        if S.nnz and detect_values(S) == "counts":
+            return key, name, S, f"{held}, the raw counts are in {name}"
+    if X is None:
+        raise InputError("The file has no X and no layer of raw counts. Store counts in X.")
+    return "X", "X", X, None
+
+
+def _var_names(path: str | Path, matrix: str) -> np.ndarray:
+    """Gene names of the file's ``matrix``: raw/X has its own var."""
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        var = read_elem(f["raw/var" if matrix == "raw/X" else "var"])
+    return np.asarray(var.index).astype(str)
+
+
 def fit_on_sample(
-    path: str | Path, cfg: PreprocessConfig, n_sample: int = 20_000, seed: int = 0
+    path: str | Path,
+    cfg: PreprocessConfig,
+    n_sample: int = 20_000,
+    seed: int = 0,
+    layer: str | None = "auto",
 ) -> tuple[BlockTransform, Prepared, int, int]:
-    """Fit the preprocessing on up to ``n_sample`` random cells of the file.
-    Returns the transform, the sample's ``Prepared`` and the file's (n_cells, n_genes)."""
+    """Fit the preprocessing on up to ``n_sample`` random cells of the file, read from the
+    matrix ``layer`` picks (as ``cicl.fit``'s: "auto" takes the counts a log-normalised file
+    keeps in a layer or raw/X). Returns the transform (which remembers that matrix), the
+    sample's ``Prepared`` and the file's (n_cells, n_genes)."""
     a = ad.read_h5ad(path, backed="r")
     n, g = a.n_obs, a.n_vars
-    var_names = np.asarray(a.var_names).astype(str)
     a.file.close()
     if n == 0 or g == 0:
         raise InputError(f"'{path}' has {n} cells and {g} genes; nothing to cluster.")
@@ -111,7 +167,8 @@ def fit_on_sample(
         codes, names = _batch_codes(path, cfg.batch_key)
         rows = _with_every_batch(rows, codes, rng)
     with h5py.File(path, "r") as f:
-        X = _read_rows(f, rows)
+        matrix, matrix_name, X, note = _choose_stream_matrix(f, rows, layer)
+    var_names = _var_names(path, matrix)
     sample = ad.AnnData(X=X)
     sample.var_names = var_names
     if codes is not None:
@@ -128,6 +185,7 @@ def fit_on_sample(
         max_value=cfg.max_value,
         pca_mean=prep.pca_mean,
         pca_components=prep.pca_components,
+        matrix=matrix,
     )
     if prep.batch_names is not None:  # the sample's ComBat map, by each file row's batch
         pos = {str(name): i for i, name in enumerate(prep.batch_names)}
@@ -140,7 +198,8 @@ def fit_on_sample(
         t.batch_codes = order[codes].astype(codes.dtype)
         t.batch_slope, t.batch_shift = prep.batch_slope, prep.batch_shift
     prep.info["steps"].insert(0, f"fitted on a random sample of {len(rows)} of {n} cells")
-    return t, prep, n, g
+    record_matrix(prep.info, Matrix(sample, None, matrix_name, note))
+    return t, prep, n, len(var_names)
 
 
 def _batch_codes(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +249,7 @@ class H5adSource:
         if self._f is None:
             self._f = h5py.File(self.path, "r")
         rows = np.asarray(idx) + self.start
-        return _read_rows(self._f, rows), rows
+        return _read_rows(self._f, rows, self.transform.matrix), rows
 
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         X, rows = self._raw(idx)
