@@ -26,10 +26,10 @@ import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
 from cicl.data.preprocess import (
-    COUNT_LAYERS,
     Matrix,
     Prepared,
     batches,
+    count_layer_candidates,
     detect_values,
     preprocess,
     record_matrix,
@@ -119,12 +119,11 @@ def _choose_stream_matrix(
         options = ", ".join(["X", *layers, *(["raw"] if "raw" in f else [])])
         raise InputError(f"Layer '{layer}' not found; available: {options}.")
     X = _read_rows(f, rows) if "X" in f else None
-    held = "X is empty" if X is None else f"X holds {detect_values(X)} values"
-    if X is not None and detect_values(X) == "counts":
+    kind = None if X is None else detect_values(X)
+    if kind == "counts":
         return "X", "X", X, None
-    named = [n for n in COUNT_LAYERS if n in layers]
-    named += [n for n in layers if "count" in n.lower() and n not in named]
-    candidates = [(f"layers/{n}", f"layers['{n}']") for n in named]
+    held = "X is empty" if X is None else f"X holds {kind} values"
+    candidates = [(f"layers/{n}", f"layers['{n}']") for n in count_layer_candidates(layers)]
     candidates += [("raw/X", "raw.X")] if "raw" in f else []
     for key, name in candidates:
         S = _read_rows(f, rows, key)
