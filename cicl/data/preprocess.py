@@ -100,7 +100,7 @@ def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
     if layer in adata.layers:
         return Matrix(adata, layer, f"layers['{layer}']")
     if layer == "raw" and adata.raw is not None:
-        return Matrix(adata.raw.to_adata(), None, "raw.X")
+        return Matrix(_raw(adata), None, "raw.X")
     if layer != "auto":
         options = ", ".join(["X", *map(str, adata.layers), *(["raw"] if adata.raw else [])])
         raise InputError(f"Layer '{layer}' not found; available: {options}.")
@@ -112,8 +112,14 @@ def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
         if _holds_counts(adata.layers[name]):
             return Matrix(adata, name, f"layers['{name}']", why + f"layers['{name}']")
     if adata.raw is not None and _holds_counts(adata.raw.X):
-        return Matrix(adata.raw.to_adata(), None, "raw.X", why + "raw.X")
+        return Matrix(_raw(adata), None, "raw.X", why + "raw.X")
     return Matrix(adata, None, "X")
+
+
+def _raw(adata: ad.AnnData) -> ad.AnnData:
+    """``.raw`` as an AnnData over the same cells, without ``Raw.to_adata``'s copies of the
+    matrix, obsm, obsp and uns (preprocessing reads it and never writes)."""
+    return ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
 
 
 def record_matrix(info: dict, mat: Matrix) -> None:
