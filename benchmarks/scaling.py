@@ -78,9 +78,9 @@ def main() -> None:
         "--no-per-core", action="store_true", help="skip the one-worker, one-thread run"
     )
     args = ap.parse_args()
-    import yaml
+    from cicl.cli import _parse_set
 
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = _parse_set(args.set)  # as `cicl fit --set`
 
     import ray
 

@@ -181,7 +181,7 @@ def predict(
     adata = adata.copy() if copy else adata
     mat = choose_matrix(adata, layer)  # the same choice as the fit's (raw counts if kept)
     check_matrix(mat.source, mat.layer, min_cells=1)
-    X = mat.source.layers[mat.layer] if mat.layer is not None else mat.source.X
+    X = mat.X
     t = query_transform(mat.source, model, mat.layer)
     genes = np.asarray(model["genes"])
     n_missing = int((t.gene_idx < 0).sum())

@@ -67,13 +67,12 @@ def read_input(path: str | Path) -> ad.AnnData:
 
 
 def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 10) -> None:
-    """Refuse inputs that cannot be clustered, with a message that says what to do."""
+    """Refuse inputs that cannot be clustered, with a message that says what to do.
+    ``layer``: an existing layer (``choose_matrix`` resolves and checks the user's name)."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(
             f"The input has {adata.n_obs} cells and {adata.n_vars} genes; both must be > 0."
         )
-    if layer is not None and layer not in adata.layers:
-        raise InputError(f"Layer '{layer}' not found; available: {list(adata.layers)}.")
     X = adata.layers[layer] if layer is not None else adata.X
     if X is None:
         raise InputError("The input has no expression matrix (X is empty). Store counts in X.")

@@ -79,6 +79,10 @@ class Matrix:
     name: str
     note: str | None = None  # why, when chosen automatically over X
 
+    @property
+    def X(self):
+        return self.source.layers[self.layer] if self.layer is not None else self.source.X
+
 
 def count_layer_candidates(names) -> list[str]:
     """Layer names that may hold raw counts, most conventional first: ``COUNT_LAYERS``, then
@@ -102,16 +106,18 @@ def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
     if layer == "raw" and adata.raw is not None:
         return Matrix(_raw(adata), None, "raw.X")
     if layer != "auto":
-        options = ", ".join(["X", *map(str, adata.layers), *(["raw"] if adata.raw else [])])
-        raise InputError(f"Layer '{layer}' not found; available: {options}.")
-    if adata.isbacked or (adata.X is not None and detect_values(adata.X) == "counts"):
+        raise unknown_layer(layer, adata.layers, adata.raw is not None)
+    if adata.isbacked:
         return Matrix(adata, None, "X")
-    held = "X is empty" if adata.X is None else f"X holds {detect_values(adata.X)} values"
+    kind = None if adata.X is None else detect_values(adata.X)
+    if kind == "counts":
+        return Matrix(adata, None, "X")
+    held = "X is empty" if kind is None else f"X holds {kind} values"
     why = f"{held}, the raw counts are in "
     for name in count_layer_candidates(adata.layers):
-        if _holds_counts(adata.layers[name]):
+        if holds_counts(adata.layers[name]):
             return Matrix(adata, name, f"layers['{name}']", why + f"layers['{name}']")
-    if adata.raw is not None and _holds_counts(adata.raw.X):
+    if adata.raw is not None and holds_counts(adata.raw.X):
         return Matrix(_raw(adata), None, "raw.X", why + "raw.X")
     return Matrix(adata, None, "X")
 
@@ -129,8 +135,15 @@ def record_matrix(info: dict, mat: Matrix) -> None:
         info["steps"].insert(0, f"{mat.note}: read those (--layer X keeps X)")
 
 
-def _holds_counts(X) -> bool:
+def holds_counts(X) -> bool:
+    """Non-empty raw counts (what ``auto`` takes from a layer or ``.raw``)."""
     return X is not None and _values(X).size > 0 and detect_values(X) == "counts"
+
+
+def unknown_layer(layer: str, layers, has_raw: bool) -> InputError:
+    """The one error for a ``layer`` that names no matrix, listing those there are."""
+    options = ", ".join(["X", *map(str, layers), *(["raw"] if has_raw else [])])
+    return InputError(f"Layer '{layer}' not found; available: {options}.")
 
 
 def preprocess(

@@ -31,8 +31,10 @@ from cicl.data.preprocess import (
     batches,
     count_layer_candidates,
     detect_values,
+    holds_counts,
     preprocess,
     record_matrix,
+    unknown_layer,
 )
 from cicl.errors import InputError
 
@@ -116,8 +118,7 @@ def _choose_stream_matrix(
     if layer == "raw" and "raw" in f:
         return "raw/X", "raw.X", _read_rows(f, rows, "raw/X"), None
     if layer != "auto":
-        options = ", ".join(["X", *layers, *(["raw"] if "raw" in f else [])])
-        raise InputError(f"Layer '{layer}' not found; available: {options}.")
+        raise unknown_layer(layer, layers, "raw" in f)
     X = _read_rows(f, rows) if "X" in f else None
     kind = None if X is None else detect_values(X)
     if kind == "counts":
@@ -127,20 +128,19 @@ def _choose_stream_matrix(
     candidates += [("raw/X", "raw.X")] if "raw" in f else []
     for key, name in candidates:
         S = _read_rows(f, rows, key)
-        if S.nnz and detect_values(S) == "counts":
+        if holds_counts(S):
             return key, name, S, f"{held}, the raw counts are in {name}"
     if X is None:
         raise InputError("The file has no X and no layer of raw counts. Store counts in X.")
     return "X", "X", X, None
 
 
-def _var_names(path: str | Path, matrix: str) -> np.ndarray:
-    """Gene names of the file's ``matrix``: raw/X has its own var."""
+def _raw_var_names(path: str | Path) -> np.ndarray:
+    """Gene names of the file's raw/X (its own var; X and layers share the file's var)."""
     from anndata.io import read_elem
 
     with h5py.File(path, "r") as f:
-        var = read_elem(f["raw/var" if matrix == "raw/X" else "var"])
-    return np.asarray(var.index).astype(str)
+        return np.asarray(read_elem(f["raw/var"]).index).astype(str)
 
 
 def fit_on_sample(
@@ -156,6 +156,7 @@ def fit_on_sample(
     sample's ``Prepared`` and the file's (n_cells, n_genes)."""
     a = ad.read_h5ad(path, backed="r")
     n, g = a.n_obs, a.n_vars
+    var_names = np.asarray(a.var_names).astype(str)
     a.file.close()
     if n == 0 or g == 0:
         raise InputError(f"'{path}' has {n} cells and {g} genes; nothing to cluster.")
@@ -167,7 +168,8 @@ def fit_on_sample(
         rows = _with_every_batch(rows, codes, rng)
     with h5py.File(path, "r") as f:
         matrix, matrix_name, X, note = _choose_stream_matrix(f, rows, layer)
-    var_names = _var_names(path, matrix)
+    if matrix == "raw/X":
+        var_names = _raw_var_names(path)
     sample = ad.AnnData(X=X)
     sample.var_names = var_names
     if codes is not None:
