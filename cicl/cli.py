@@ -373,12 +373,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_backed(path: str):
-    """The .h5ad opened read-only on disk (obs, var and uns in memory, X read on demand)."""
+def _open_on_disk(path: str):
+    """The .h5ad's obs and var only (``cicl predict --stream``): its matrices stay on disk and
+    are read block by block (``predict(..., file=path)``); a backed AnnData would load every
+    layer into memory."""
     import anndata as ad
+    import h5py
+    from anndata.io import read_elem
 
     try:
-        return ad.read_h5ad(path, backed="r")
+        with h5py.File(path, "r") as f:
+            return ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]))
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
         raise CICLError(f"cannot read '{path}' as .h5ad ({e}).") from None
 
@@ -408,14 +413,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ref = load_reference(ref_path, args.key)  # checked before the (maybe large) input is read
     stream = _wants_stream(args)
-    if stream and args.layer != "auto":
-        raise CICLError("--layer is not supported with --stream; put the values in X.")
-    adata = _open_backed(args.input) if stream else read_input(args.input)
+    adata = _open_on_disk(args.input) if stream else read_input(args.input)
     _check_label_key(adata, args.label_key)
     key = args.key_added or args.key
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        predict(adata, ref, key=args.key, key_added=key, layer=args.layer, batch_key=args.batch_key)
+        predict(
+            adata,
+            ref,
+            key=args.key,
+            key_added=key,
+            layer=args.layer,
+            batch_key=args.batch_key,
+            file=args.input if stream else None,
+        )
     for w in caught:
         if issubclass(w.category, UserWarning):
             print(f"warning: {w.message}", file=sys.stderr)
@@ -443,7 +454,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         cols = [c for c in adata.obs if c == key or c.startswith(key + "_")]
         emb = embedding_key(key)
-        adata.file.close()
         annotate_h5ad_copy(
             args.input,
             out,

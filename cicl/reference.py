@@ -15,9 +15,12 @@ the cells its cluster was fitted on is flagged as possibly a state the reference
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -25,9 +28,9 @@ import torch
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.cluster.kmeans import distance_percentile, distance_quantiles
 from cicl.config import CICLConfig
-from cicl.data.io import check_finite, check_matrix
+from cicl.data.io import check_finite, check_matrix, check_names
 from cicl.data.preprocess import Prepared, choose_matrix, detect_values
-from cicl.data.stream import BlockTransform
+from cicl.data.stream import BlockTransform, FileMatrix, choose_file_matrix
 from cicl.errors import InputError
 from cicl.model.modules import student_t_q
 from cicl.train.loop import TrainResult, embed_new, load_encoder, load_metric
@@ -144,6 +147,7 @@ def predict(
     batch_key: str | None = None,
     copy: bool = False,
     block: int = 50_000,
+    file: str | Path | None = None,
 ) -> ad.AnnData | None:
     """Assign the cells of ``adata`` to the clusters of a fitted ``reference`` (an AnnData or
     ``.h5ad`` path that ``cicl.fit`` / ``cicl fit`` wrote under ``key``), without refitting.
@@ -164,8 +168,10 @@ def predict(
     defaults to ``key``. ``reference`` may also be ``load_reference``'s result. Cells are
     mapped ``block`` at a time; a backed AnnData (``read_h5ad(..., backed="r")``) is read
     one block at a time and never loaded (its values kind is judged on the first 50,000
-    cells), with the results in its in-memory obs/obsm/uns. Returns ``adata`` if ``copy`` else
-    None.
+    cells), with the results in its in-memory obs/obsm/uns. ``file``: the ``.h5ad`` the cells
+    are read from instead (``adata`` then only needs its obs and var, as ``cicl predict
+    --stream`` passes them, so no layer is loaded); on disk, layers and raw/X are read block
+    by block like X. Returns ``adata`` if ``copy`` else None.
     """
     key_added = key_added or key
     if reference is adata and key_added == key:
@@ -176,13 +182,13 @@ def predict(
     ref = reference if isinstance(reference, dict) else load_reference(reference, key)
     model = ref["model"]
     cfg = CICLConfig.from_dict(_from_h5(ref["params"]))
-    if adata.isbacked and copy:
-        raise InputError("copy=True needs cells in memory; a backed AnnData is annotated in place.")
+    path = Path(file) if file is not None else (adata.filename if adata.isbacked else None)
+    if path is not None and copy:
+        raise InputError("copy=True needs cells in memory; cells on disk are annotated in place.")
     adata = adata.copy() if copy else adata
-    mat = choose_matrix(adata, layer)  # the same choice as the fit's (raw counts if kept)
-    check_matrix(mat.source, mat.layer, min_cells=1)
-    X = mat.X
-    t = query_transform(mat.source, model, mat.layer)
+    # the same choice as the fit's (raw counts if kept); on disk judged on the first cells
+    src = _query_matrix(adata, layer, path)
+    t = query_transform(src.var_names, src.sample, model)
     genes = np.asarray(model["genes"])
     n_missing = int((t.gene_idx < 0).sum())
     kind = t.kind
@@ -192,13 +198,14 @@ def predict(
     center = model.get("pca_center")
     cents = torch.from_numpy(np.asarray(ref["centroids"], dtype=np.float32))
     parts = []
-    for a in range(0, adata.n_obs, block):  # blocks: a large query never densifies at once
-        rows = np.arange(a, min(a + block, adata.n_obs))
-        xb = X[a : a + len(rows)]  # a contiguous slice: one read when X is on disk
-        if adata.isbacked:
-            check_finite(xb)
-        x, pcs = t(xb, rows)
-        parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
+    with _block_reader(src) as read:
+        for a in range(0, adata.n_obs, block):  # blocks: a large query never densifies at once
+            rows = np.arange(a, min(a + block, adata.n_obs))
+            xb = read(a, a + len(rows))  # a contiguous slice: one read when X is on disk
+            if src.file is not None:
+                check_finite(xb)
+            x, pcs = t(xb, rows)
+            parts.append(embed_new(enc, x, pcs, cfg, center, float(model["pca_scale"])))
     h = np.concatenate(parts)
     metric = load_metric(model.get("metric"))
     hq = torch.from_numpy(h)
@@ -237,7 +244,7 @@ def predict(
         "reference_key": key,
         "n_clusters": k,
         "values": kind,
-        "matrix": mat.name,
+        "matrix": src.name,
         "n_genes_model": int(len(genes)),
         "n_genes_missing": n_missing,
         "n_cells_uncorrected": int(n_uncorrected),
@@ -255,11 +262,54 @@ def predict(
     return adata if copy else None
 
 
-def query_transform(adata: ad.AnnData, model: dict, layer: str | None = None) -> BlockTransform:
-    """The reference's preprocessing for the cells of ``adata`` (genes matched by name; no
-    batch map yet): ``t(X[rows], rows)`` gives their model input and reference PCs."""
+@dataclass(frozen=True)
+class _Query:
+    """Where a query's cells are read from: gene names, the values their kind is judged on,
+    the name for the record, and (in memory) the matrix or (on disk) the file's matrix."""
+
+    var_names: np.ndarray
+    sample: object
+    name: str
+    X: object = None
+    file: FileMatrix | None = None
+    path: Path | None = None
+
+
+def _query_matrix(adata: ad.AnnData, layer: str | None, path: Path | None) -> _Query:
+    """``choose_matrix`` in memory, ``choose_file_matrix`` for cells on disk (``path``: X,
+    layers and raw/X read from the file block by block, like a streamed fit's)."""
+    if path is not None:
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise InputError(f"The input has {adata.n_obs} cells and {adata.n_vars} genes.")
+        check_names(adata)
+        fm = choose_file_matrix(path, adata.var_names, layer)
+        if fm.n_obs != adata.n_obs:
+            raise InputError(
+                f"'{path}' holds {fm.n_obs} cells but adata has {adata.n_obs}. "
+                "Pass the AnnData read from that file."
+            )
+        return _Query(fm.var_names, fm.sample, fm.name, file=fm, path=path)
+    mat = choose_matrix(adata, layer)
+    check_matrix(mat.source, mat.layer, min_cells=1)
+    return _Query(np.asarray(mat.source.var_names), mat.X, mat.name, X=mat.X)
+
+
+@contextmanager
+def _block_reader(src: _Query):
+    """``read(start, stop)``: rows of the query's matrix, from memory or the file."""
+    if src.file is None:
+        yield lambda a, b: src.X[a:b]
+        return
+    with h5py.File(src.path, "r") as f:
+        yield lambda a, b: src.file.read(f, a, b)
+
+
+def query_transform(var_names, sample, model: dict) -> BlockTransform:
+    """The reference's preprocessing for cells with genes ``var_names`` (matched by name; no
+    batch map yet), their values' kind judged on ``sample``: ``t(X[rows], rows)`` gives their
+    model input and reference PCs."""
     genes = np.asarray(model["genes"]).astype(str)
-    pos = {g: i for i, g in enumerate(np.asarray(adata.var_names).astype(str))}
+    pos = {g: i for i, g in enumerate(np.asarray(var_names).astype(str))}
     gene_idx = np.array([pos.get(g, -1) for g in genes])
     n_missing = int((gene_idx < 0).sum())
     if n_missing > MIN_GENE_SHARE * len(genes):
@@ -268,11 +318,8 @@ def query_transform(adata: ad.AnnData, model: dict, layer: str | None = None) ->
             "new cells' var_names. Use the same gene identifiers as the reference (symbols vs "
             "Ensembl IDs) or fit these cells with `cicl fit`."
         )
-    X = adata.layers[layer] if layer is not None else adata.X
-    if adata.isbacked:  # on disk: judge the values by the first 50,000 cells
-        X = X[: min(adata.n_obs, 50_000)]
     return BlockTransform(
-        kind=_query_kind(X, str(model["values"])),
+        kind=_query_kind(sample, str(model["values"])),
         gene_idx=gene_idx,
         scale_mean=model.get("scale_mean"),
         scale_sd=model.get("scale_sd"),

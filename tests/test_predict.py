@@ -285,8 +285,54 @@ def test_cli_predict_streamed(tmp_path, tiny_cfg, capsys):
     rc, _, err = _run(capsys, argv)
     assert rc == 2 and "NaN or infinite" in err and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob(".bad_out*"))
-    rc, _, err = _run(capsys, argv + ["--layer", "counts"])
-    assert rc == 2 and "--layer is not supported with --stream" in err
+    rc, _, err = _run(capsys, argv + ["--layer", "counts"])  # the file has no such layer
+    assert rc == 2 and "Layer 'counts' not found" in err and err.count("\n") == 1, err
+
+
+def test_cli_predict_streamed_reads_the_counts_kept_beside_log_normalised_x(
+    tmp_path, tiny_cfg, capsys
+):
+    """--stream chooses the matrix as the in-memory path does: a log-normalised query with its
+    counts in layers["counts"], or in raw/X with more genes than X (CELLxGENE's layout), is
+    read from the counts block by block and mapped exactly as the counts file is; --layer X
+    keeps the log values."""
+    import scanpy as sc
+
+    syn = synthetic_adata(n_cells=160, n_genes=120, n_clusters=3, seed=3)
+    inp, cfg, ref = tmp_path / "in.h5ad", tmp_path / "cfg.yaml", tmp_path / "ref.h5ad"
+    syn.write_h5ad(inp)
+    tiny_cfg.to_yaml(cfg)
+    assert _run(capsys, ["fit", str(inp), "--out", str(ref), "-k", "3", "-c", str(cfg)])[0] == 0
+    logged = syn.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    layered, rawed = logged.copy(), logged[:, :100].copy()  # raw keeps all 120 genes
+    layered.layers["counts"] = syn.X.copy()
+    rawed.raw = syn
+    want = tmp_path / "want.h5ad"
+    base = ["predict", "--reference", str(ref), "--json"]
+    assert _run(capsys, [base[0], str(inp)] + base[1:] + ["--out", str(want)])[0] == 0
+    a = ad.read_h5ad(want)
+    for name, obj, matrix in (
+        ("layered", layered, "layers['counts']"),
+        ("rawed", rawed, "raw.X"),
+    ):
+        src, out = tmp_path / f"{name}.h5ad", tmp_path / f"{name}_out.h5ad"
+        obj.write_h5ad(src)
+        rc, stdout, err = _run(
+            capsys, [base[0], str(src)] + base[1:] + ["-o", str(out), "--stream"]
+        )
+        assert rc == 0, err
+        assert json.loads(stdout.strip().splitlines()[-1])["matrix"] == matrix
+        b = ad.read_h5ad(out)
+        assert b.uns["cicl"]["matrix"] == matrix and b.uns["cicl"]["n_genes_missing"] == 0
+        assert np.array_equal(a.obs["cicl"].to_numpy(), b.obs["cicl"].to_numpy()), name
+        assert np.allclose(a.obsm["X_cicl"], b.obsm["X_cicl"], atol=1e-5), name
+        assert (b.X != obj.X).nnz == 0  # the input's matrix, copied untouched
+    out = tmp_path / "x_out.h5ad"
+    argv = [base[0], str(tmp_path / "layered.h5ad")] + base[1:] + ["-o", str(out), "--stream"]
+    rc, stdout, _ = _run(capsys, argv + ["--layer", "X"])
+    assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["matrix"] == "X"
 
 
 @pytest.mark.parametrize(

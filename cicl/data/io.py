@@ -82,6 +82,11 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
         check_finite(X)
     if adata.n_obs < min_cells:
         raise InputError(f"Only {adata.n_obs} cells: clustering needs at least {min_cells}.")
+    check_names(adata)
+
+
+def check_names(adata: ad.AnnData) -> None:
+    """Cell and gene names must be unique (genes are matched by name, cells written back)."""
     for axis, names, fix in (
         ("cell", adata.obs_names, "obs_names_make_unique"),
         ("gene", adata.var_names, "var_names_make_unique"),

@@ -143,6 +143,38 @@ def _raw_var_names(path: str | Path) -> np.ndarray:
         return np.asarray(read_elem(f["raw/var"]).index).astype(str)
 
 
+@dataclass(frozen=True)
+class FileMatrix:
+    """The matrix of an ``.h5ad`` on disk that a backed AnnData's cells are read from: ``key``
+    (its h5 path: ``X``, ``layers/<name>`` or ``raw/X``), ``name`` for the record, its gene
+    names (raw/X has its own), the judged rows and, when chosen over X, why."""
+
+    key: str
+    name: str
+    var_names: np.ndarray
+    sample: object
+    n_obs: int
+    note: str | None = None
+
+    def read(self, f: h5py.File, start: int, stop: int):
+        """Rows ``start:stop`` of the matrix, as CSR."""
+        return _read_rows(f, np.arange(start, stop), self.key)
+
+
+def choose_file_matrix(
+    path: str | Path, var_names, layer: str | None = "auto", n_judge: int = 50_000
+) -> FileMatrix:
+    """``choose_matrix`` for cells on disk (``cicl predict --stream``), judged on the file's
+    first ``n_judge`` cells: a query stored as CELLxGENE stores it (log-normalised X, counts
+    in raw/X) is read from the counts its reference was fitted on."""
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        n_rows = int(obs[obs.attrs["_index"]].shape[0])
+        key, name, sample, note = _choose_stream_matrix(f, np.arange(min(n_rows, n_judge)), layer)
+    names = _raw_var_names(path) if key == "raw/X" else np.asarray(var_names).astype(str)
+    return FileMatrix(key, name, names, sample, n_rows, note)
+
+
 def fit_on_sample(
     path: str | Path,
     cfg: PreprocessConfig,
