@@ -333,6 +333,19 @@ def test_cli_predict_streamed_reads_the_counts_kept_beside_log_normalised_x(
     argv = [base[0], str(tmp_path / "layered.h5ad")] + base[1:] + ["-o", str(out), "--stream"]
     rc, stdout, _ = _run(capsys, argv + ["--layer", "X"])
     assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["matrix"] == "X"
+    # Python: cells read from a file beside an AnnData of their obs and var only; an AnnData
+    # that does not match the file is refused before anything is written
+    from cicl.errors import InputError
+
+    light = ad.AnnData(obs=layered.obs[[]].copy(), var=layered.var[[]].copy())
+    cicl.predict(light, ref, file=tmp_path / "layered.h5ad")
+    assert np.array_equal(light.obs["cicl"].to_numpy(), a.obs["cicl"].to_numpy())
+    assert light.uns["cicl"]["matrix"] == "layers['counts']"
+    short = light[:100].copy()
+    del short.obs["cicl"]
+    with pytest.raises(InputError, match="holds 160 cells but adata has 100"):
+        cicl.predict(short, ref, file=tmp_path / "layered.h5ad")
+    assert "cicl" not in short.obs
 
 
 @pytest.mark.parametrize(
