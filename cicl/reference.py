@@ -283,6 +283,7 @@ def _query_matrix(adata: ad.AnnData, layer: str | None, path: Path | None) -> _Q
             raise InputError(f"The input has {adata.n_obs} cells and {adata.n_vars} genes.")
         check_names(adata)
         fm = choose_file_matrix(path, adata.var_names, layer)
+        check_finite(fm.sample)  # numeric, no NaN: before its values are judged
         if fm.n_obs != adata.n_obs:
             raise InputError(
                 f"'{path}' holds {fm.n_obs} cells but adata has {adata.n_obs}. "

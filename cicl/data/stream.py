@@ -145,9 +145,10 @@ def _raw_var_names(path: str | Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FileMatrix:
-    """The matrix of an ``.h5ad`` on disk that a backed AnnData's cells are read from: ``key``
-    (its h5 path: ``X``, ``layers/<name>`` or ``raw/X``), ``name`` for the record, its gene
-    names (raw/X has its own), the judged rows and, when chosen over X, why."""
+    """The matrix of an ``.h5ad`` that cells on disk are read from: ``key`` (its h5 path:
+    ``X``, ``layers/<name>`` or ``raw/X``), ``name`` for the record, its gene names (raw/X has
+    its own), the rows its values were judged on, the file's cell count and, when chosen over
+    X, why."""
 
     key: str
     name: str
