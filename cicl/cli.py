@@ -434,7 +434,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     conf = adata.obs[key + "_confidence"].to_numpy()
     r: dict[str, Any] = {
         "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
+        "n_genes": int(info["n_genes_input"]),
         "values": info["values"],
         "matrix": str(info.get("matrix", "X")),
         "n_genes_model": int(info["n_genes_model"]),

@@ -245,6 +245,7 @@ def predict(
         "n_clusters": k,
         "values": kind,
         "matrix": src.name,
+        "n_genes_input": int(len(src.var_names)),  # of the matrix read (raw/X has its own)
         "n_genes_model": int(len(genes)),
         "n_genes_missing": n_missing,
         "n_cells_uncorrected": int(n_uncorrected),

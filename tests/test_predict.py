@@ -323,7 +323,8 @@ def test_cli_predict_streamed_reads_the_counts_kept_beside_log_normalised_x(
             capsys, [base[0], str(src)] + base[1:] + ["-o", str(out), "--stream"]
         )
         assert rc == 0, err
-        assert json.loads(stdout.strip().splitlines()[-1])["matrix"] == matrix
+        res = json.loads(stdout.strip().splitlines()[-1])
+        assert res["matrix"] == matrix and res["n_genes"] == 120  # rawed: raw/X's, not X's 100
         b = ad.read_h5ad(out)
         assert b.uns["cicl"]["matrix"] == matrix and b.uns["cicl"]["n_genes_missing"] == 0
         assert np.array_equal(a.obs["cicl"].to_numpy(), b.obs["cicl"].to_numpy()), name
