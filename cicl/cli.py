@@ -373,17 +373,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_on_disk(path: str):
-    """The .h5ad's obs and var only (``cicl predict --stream``): its matrices stay on disk and
-    are read block by block (``predict(..., file=path)``); a backed AnnData would load every
-    layer into memory."""
-    import anndata as ad
-    import h5py
-    from anndata.io import read_elem
+def _open_on_disk(path: str, parts: tuple[str, ...] = ("obs", "var")):
+    """The .h5ad's annotations only (``read_annotations``): its matrices stay on disk, read
+    block by block by streamed fits and ``predict(..., file=path)``."""
+    from cicl.data.io import read_annotations
 
     try:
-        with h5py.File(path, "r") as f:
-            return ad.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+        return read_annotations(path, parts)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
         raise CICLError(f"cannot read '{path}' as .h5ad ({e}).") from None
 
@@ -436,7 +432,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "n_cells": int(adata.n_obs),
         "n_genes": int(info["n_genes_input"]),
         "values": info["values"],
-        "matrix": str(info.get("matrix", "X")),
+        "matrix": str(info["matrix"]),
         "n_genes_model": int(info["n_genes_model"]),
         "n_genes_missing": int(info["n_genes_missing"]),
         "n_clusters": int(info["n_clusters"]),
@@ -497,7 +493,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_fit(args, uri: str, adata, result: dict) -> dict[str, str]:
+def _log_fit(args, uri: str, adata, result: dict, figure=None) -> dict[str, str]:
     """Log a finished fit to MLflow (after the output is written: tracking never costs the
     result); ``cicl.tracking.log_fit`` does the work, as it does for the Python API."""
     from cicl.tracking import log_fit
@@ -512,7 +508,7 @@ def _log_fit(args, uri: str, adata, result: dict) -> dict[str, str]:
             experiment=args.experiment or f"fit-{stem}",
             run_name=f"fit-{stem}-seed{int(adata.uns[args.key_added]['params']['seed'])}",
             label_key=args.label_key,
-            figure=result.get("plot"),
+            figure=result.get("plot") if figure is None else figure,
             params={"input": source, "output": str(args.out)},
             metrics={"seconds": result["seconds"]},
             tags={"cicl.input": source},
@@ -528,13 +524,11 @@ def _log_fit(args, uri: str, adata, result: dict) -> dict[str, str]:
 def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None = None) -> int:
     """``cicl fit --stream``: the atlas is never loaded; the output is a copy of the input
     file with the results added."""
-    import anndata as ad
-
     from cicl.api import fit_h5ad_stream, score
 
     if args.plot:
         raise CICLError("--plot is not supported with --stream (an atlas UMAP is too slow).")
-    obs = ad.read_h5ad(args.input, backed="r").obs
+    obs = _open_on_disk(args.input, ("obs",)).obs
     if args.label_key is not None and args.label_key not in obs:
         raise CICLError(f"--label-key '{args.label_key}' is not an obs column.")
     info = fit_h5ad_stream(
@@ -549,15 +543,14 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
     )
     pre = info["preprocess"]
     result = {**_result(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
-    res = ad.read_h5ad(out, backed="r")
+    res = _open_on_disk(str(out), ("obs", "var", "obsm", "uns"))
     if args.label_key is not None:
         result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
     if track is not None:
-        result["mlflow_run"] = _log_fit(args, track, res, result)
+        result["mlflow_run"] = _log_fit(args, track, res, result, figure=False)  # no atlas UMAP
     _summary(res.obs, args.key_added, result)
-    res.file.close()
     if args.json:
         print(json.dumps(result))
     return 0

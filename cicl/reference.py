@@ -28,7 +28,7 @@ import torch
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.cluster.kmeans import distance_percentile, distance_quantiles
 from cicl.config import CICLConfig
-from cicl.data.io import check_finite, check_matrix, check_names
+from cicl.data.io import check_axes, check_finite, check_matrix
 from cicl.data.preprocess import Prepared, choose_matrix, detect_values
 from cicl.data.stream import BlockTransform, FileMatrix, choose_file_matrix
 from cicl.errors import InputError
@@ -273,16 +273,13 @@ class _Query:
     name: str
     X: object = None
     file: FileMatrix | None = None
-    path: Path | None = None
 
 
 def _query_matrix(adata: ad.AnnData, layer: str | None, path: Path | None) -> _Query:
     """``choose_matrix`` in memory, ``choose_file_matrix`` for cells on disk (``path``: X,
     layers and raw/X read from the file block by block, like a streamed fit's)."""
     if path is not None:
-        if adata.n_obs == 0 or adata.n_vars == 0:
-            raise InputError(f"The input has {adata.n_obs} cells and {adata.n_vars} genes.")
-        check_names(adata)
+        check_axes(adata)
         fm = choose_file_matrix(path, adata.var_names, layer)
         check_finite(fm.sample)  # numeric, no NaN: before its values are judged
         if fm.n_obs != adata.n_obs:
@@ -290,7 +287,7 @@ def _query_matrix(adata: ad.AnnData, layer: str | None, path: Path | None) -> _Q
                 f"'{path}' holds {fm.n_obs} cells but adata has {adata.n_obs}. "
                 "Pass the AnnData read from that file."
             )
-        return _Query(fm.var_names, fm.sample, fm.name, file=fm, path=path)
+        return _Query(fm.var_names, fm.sample, fm.name, file=fm)
     mat = choose_matrix(adata, layer)
     check_matrix(mat.source, mat.layer, min_cells=1)
     return _Query(np.asarray(mat.source.var_names), mat.X, mat.name, X=mat.X)
@@ -302,7 +299,7 @@ def _block_reader(src: _Query):
     if src.file is None:
         yield lambda a, b: src.X[a:b]
         return
-    with h5py.File(src.path, "r") as f:
+    with h5py.File(src.file.path, "r") as f:
         yield lambda a, b: src.file.read(f, a, b)
 
 

@@ -66,13 +66,21 @@ def read_input(path: str | Path) -> ad.AnnData:
     return adata
 
 
+def read_annotations(path: str | Path, parts: tuple[str, ...] = ("obs", "var")) -> ad.AnnData:
+    """An ``.h5ad``'s annotations (``parts`` of obs, var, obsm, uns) without its matrices: what
+    streamed runs read from an atlas, whose X, layers and raw/X stay on disk (anndata's backed
+    mode would load every layer and obsm into memory)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        return ad.AnnData(**{p: read_elem(f[p]) for p in parts if p in f})
+
+
 def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 10) -> None:
     """Refuse inputs that cannot be clustered, with a message that says what to do.
     ``layer``: an existing layer (``choose_matrix`` resolves and checks the user's name)."""
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(
-            f"The input has {adata.n_obs} cells and {adata.n_vars} genes; both must be > 0."
-        )
+    check_axes(adata)
     X = adata.layers[layer] if layer is not None else adata.X
     if X is None:
         raise InputError("The input has no expression matrix (X is empty). Store counts in X.")
@@ -82,11 +90,15 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
         check_finite(X)
     if adata.n_obs < min_cells:
         raise InputError(f"Only {adata.n_obs} cells: clustering needs at least {min_cells}.")
-    check_names(adata)
 
 
-def check_names(adata: ad.AnnData) -> None:
-    """Cell and gene names must be unique (genes are matched by name, cells written back)."""
+def check_axes(adata: ad.AnnData) -> None:
+    """Cells and genes: some of each, and unique names (genes are matched by name, cells
+    written back)."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            f"The input has {adata.n_obs} cells and {adata.n_vars} genes; both must be > 0."
+        )
     for axis, names, fix in (
         ("cell", adata.obs_names, "obs_names_make_unique"),
         ("gene", adata.var_names, "var_names_make_unique"),

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
+from cicl.data.io import read_annotations
 from cicl.data.preprocess import (
     Matrix,
     Prepared,
@@ -105,51 +106,13 @@ def _read_rows(f: h5py.File, rows: np.ndarray, matrix: str = "X"):
     return ds[rows]
 
 
-def _choose_stream_matrix(
-    f: h5py.File, rows: np.ndarray, layer: str | None
-) -> tuple[str, str, object, str | None]:
-    """``cicl.data.preprocess.choose_matrix`` for a file on disk, judged on the sample's rows:
-    (h5 path, name for the record, the sample's rows of it, why when chosen over X)."""
-    layers = [str(k) for k in f["layers"]] if "layers" in f else []
-    if layer is None or layer == "X":
-        return "X", "X", _read_rows(f, rows), None
-    if layer in layers:
-        return f"layers/{layer}", f"layers['{layer}']", _read_rows(f, rows, f"layers/{layer}"), None
-    if layer == "raw" and "raw" in f:
-        return "raw/X", "raw.X", _read_rows(f, rows, "raw/X"), None
-    if layer != "auto":
-        raise unknown_layer(layer, layers, "raw" in f)
-    X = _read_rows(f, rows) if "X" in f else None
-    kind = None if X is None else detect_values(X)
-    if kind == "counts":
-        return "X", "X", X, None
-    held = "X is empty" if X is None else f"X holds {kind} values"
-    candidates = [(f"layers/{n}", f"layers['{n}']") for n in count_layer_candidates(layers)]
-    candidates += [("raw/X", "raw.X")] if "raw" in f else []
-    for key, name in candidates:
-        S = _read_rows(f, rows, key)
-        if holds_counts(S):
-            return key, name, S, f"{held}, the raw counts are in {name}"
-    if X is None:
-        raise InputError("The file has no X and no layer of raw counts. Store counts in X.")
-    return "X", "X", X, None
-
-
-def _raw_var_names(path: str | Path) -> np.ndarray:
-    """Gene names of the file's raw/X (its own var; X and layers share the file's var)."""
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as f:
-        return np.asarray(read_elem(f["raw/var"]).index).astype(str)
-
-
 @dataclass(frozen=True)
 class FileMatrix:
     """The matrix of an ``.h5ad`` that cells on disk are read from: ``key`` (its h5 path:
     ``X``, ``layers/<name>`` or ``raw/X``), ``name`` for the record, its gene names (raw/X has
-    its own), the rows its values were judged on, the file's cell count and, when chosen over
-    X, why."""
+    its own), the rows its values were judged on, its row count and, when chosen over X, why."""
 
+    path: Path
     key: str
     name: str
     var_names: np.ndarray
@@ -162,6 +125,60 @@ class FileMatrix:
         return _read_rows(f, np.arange(start, stop), self.key)
 
 
+def _n_cells(f: h5py.File) -> int:
+    """The file's cell count, from its obs index (no matrix read)."""
+    return int(f["obs"][f["obs"].attrs["_index"]].shape[0])
+
+
+def _choose_file_matrix(
+    f: h5py.File, rows: np.ndarray, layer: str | None, var_names: np.ndarray
+) -> FileMatrix:
+    """``cicl.data.preprocess.choose_matrix`` for a file on disk, judged on ``rows`` (a random
+    sample for a streamed fit, the first cells for ``cicl predict --stream``); ``var_names``
+    are the file's (X's and the layers'), raw/X brings its own."""
+    from anndata.io import read_elem
+
+    layers = [str(k) for k in f["layers"]] if "layers" in f else []
+    if layer == "auto":
+        key, sample, note = _auto_choice(f, rows, layers)
+    else:
+        if layer in (None, "X"):
+            key = "X"
+        elif layer in layers:
+            key = f"layers/{layer}"
+        elif layer == "raw" and "raw" in f:
+            key = "raw/X"
+        else:
+            raise unknown_layer(layer, layers, "raw" in f)
+        sample, note = _read_rows(f, rows, key), None
+    m = f[key]
+    n = int(m.shape[0] if isinstance(m, h5py.Dataset) else m.attrs["shape"][0])
+    names = read_elem(f["raw/var"]).index if key == "raw/X" else var_names
+    name = {"X": "X", "raw/X": "raw.X"}.get(key, f"layers['{key.removeprefix('layers/')}']")
+    return FileMatrix(Path(f.filename), key, name, np.asarray(names).astype(str), sample, n, note)
+
+
+def _auto_choice(
+    f: h5py.File, rows: np.ndarray, layers: list[str]
+) -> tuple[str, object, str | None]:
+    """``auto``: X if it holds counts, else the first counts layer or raw/X that does (and
+    why), else X; with the rows read of the one chosen."""
+    X = _read_rows(f, rows) if "X" in f else None
+    kind = None if X is None else detect_values(X)
+    if kind == "counts":
+        return "X", X, None
+    held = "X is empty" if kind is None else f"X holds {kind} values"
+    candidates = [(f"layers/{n}", f"layers['{n}']") for n in count_layer_candidates(layers)]
+    candidates += [("raw/X", "raw.X")] if "raw" in f else []
+    for key, name in candidates:
+        S = _read_rows(f, rows, key)
+        if holds_counts(S):
+            return key, S, f"{held}, the raw counts are in {name}"
+    if X is None:
+        raise InputError("The file has no X and no layer of raw counts. Store counts in X.")
+    return "X", X, None
+
+
 def choose_file_matrix(
     path: str | Path, var_names, layer: str | None = "auto", n_judge: int = 50_000
 ) -> FileMatrix:
@@ -169,11 +186,8 @@ def choose_file_matrix(
     first ``n_judge`` cells: a query stored as CELLxGENE stores it (log-normalised X, counts
     in raw/X) is read from the counts its reference was fitted on."""
     with h5py.File(path, "r") as f:
-        obs = f["obs"]
-        n_rows = int(obs[obs.attrs["_index"]].shape[0])
-        key, name, sample, note = _choose_stream_matrix(f, np.arange(min(n_rows, n_judge)), layer)
-    names = _raw_var_names(path) if key == "raw/X" else np.asarray(var_names).astype(str)
-    return FileMatrix(key, name, names, sample, n_rows, note)
+        rows = np.arange(min(_n_cells(f), n_judge))
+        return _choose_file_matrix(f, rows, layer, np.asarray(var_names).astype(str))
 
 
 def fit_on_sample(
@@ -187,10 +201,9 @@ def fit_on_sample(
     matrix ``layer`` picks (as ``cicl.fit``'s: "auto" takes the counts a log-normalised file
     keeps in a layer or raw/X). Returns the transform (which remembers that matrix), the
     sample's ``Prepared`` and the file's (n_cells, n_genes)."""
-    a = ad.read_h5ad(path, backed="r")
-    n, g = a.n_obs, a.n_vars
-    var_names = np.asarray(a.var_names).astype(str)
-    a.file.close()
+    var_names = np.asarray(read_annotations(path, ("var",)).var_names).astype(str)
+    with h5py.File(path, "r") as f:
+        n, g = _n_cells(f), len(var_names)
     if n == 0 or g == 0:
         raise InputError(f"'{path}' has {n} cells and {g} genes; nothing to cluster.")
     rng = np.random.default_rng(seed)
@@ -200,16 +213,14 @@ def fit_on_sample(
         codes, names = _batch_codes(path, cfg.batch_key)
         rows = _with_every_batch(rows, codes, rng)
     with h5py.File(path, "r") as f:
-        matrix, matrix_name, X, note = _choose_stream_matrix(f, rows, layer)
-    if matrix == "raw/X":
-        var_names = _raw_var_names(path)
-    sample = ad.AnnData(X=X)
-    sample.var_names = var_names
+        fm = _choose_file_matrix(f, rows, layer, var_names)
+    sample = ad.AnnData(X=fm.sample)
+    sample.var_names = fm.var_names
     if codes is not None:
         sample.obs[cfg.batch_key] = names[codes[rows]]
     kind = detect_values(sample.X)
     prep = preprocess(sample, cfg, keep_combat_map=True)
-    pos = {name: i for i, name in enumerate(var_names)}
+    pos = {name: i for i, name in enumerate(fm.var_names)}
     gene_idx = np.array([pos[str(name)] for name in prep.genes])
     t = BlockTransform(
         kind=kind,
@@ -219,7 +230,7 @@ def fit_on_sample(
         max_value=cfg.max_value,
         pca_mean=prep.pca_mean,
         pca_components=prep.pca_components,
-        matrix=matrix,
+        matrix=fm.key,
     )
     if prep.batch_names is not None:  # the sample's ComBat map, by each file row's batch
         pos = {str(name): i for i, name in enumerate(prep.batch_names)}
@@ -232,17 +243,13 @@ def fit_on_sample(
         t.batch_codes = order[codes].astype(codes.dtype)
         t.batch_slope, t.batch_shift = prep.batch_slope, prep.batch_shift
     prep.info["steps"].insert(0, f"fitted on a random sample of {len(rows)} of {n} cells")
-    record_matrix(prep.info, Matrix(sample, None, matrix_name, note))
-    return t, prep, n, len(var_names)
+    record_matrix(prep.info, Matrix(sample, None, fm.name, fm.note))
+    return t, prep, n, len(fm.var_names)
 
 
 def _batch_codes(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Every cell's batch as a small integer code, and the batch names."""
-    a = ad.read_h5ad(path, backed="r")
-    try:
-        names, codes = np.unique(batches(a, key), return_inverse=True)
-    finally:
-        a.file.close()
+    names, codes = np.unique(batches(read_annotations(path, ("obs",)), key), return_inverse=True)
     dtype = np.int16 if len(names) < 2**15 else np.int32
     return codes.astype(dtype), names
 
