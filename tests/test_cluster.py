@@ -121,6 +121,16 @@ def test_tune_job_on_a_local_two_node_cluster(data_dir, tmp_path):
     common = ["--node-ip-address", "127.0.0.1"]
     server = None
     try:
+        # the MLflow server starts while the two Ray nodes come up (each takes seconds)
+        db = tmp_path / "mlflow" / "mlflow.db"
+        db.parent.mkdir()
+        server = subprocess.Popen(
+            _mlflow_command(db, mlf),
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         subprocess.run(
             [ray, "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash)]
             + ["--dashboard-host", "127.0.0.1", "--resources", '{"TRAIN_DRIVER": 2}']
@@ -135,15 +145,6 @@ def test_tune_job_on_a_local_two_node_cluster(data_dir, tmp_path):
             check=True,
             capture_output=True,
         )
-        db = tmp_path / "mlflow" / "mlflow.db"
-        db.parent.mkdir()
-        server = subprocess.Popen(
-            _mlflow_command(db, mlf),
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         _wait_http(f"http://127.0.0.1:{mlf}/health", 60)
         from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -154,7 +155,7 @@ def test_tune_job_on_a_local_two_node_cluster(data_dir, tmp_path):
             f"{sys.executable} -m cicl.cli tune {data_dir / 'biase.h5ad'} --trials 1 "
             f"--space small --label-key cell_type --address auto --experiment cluster-job "
             f"--mlflow-uri http://127.0.0.1:{mlf} --root {tmp_path / 'shared'} "
-            "--workers-per-trial 2 --cpus-per-worker 1 --no-asha"
+            "--workers-per-trial 2 --cpus-per-worker 1 --no-asha --set cluster.final_n_init=4"
         )
         job = client.submit_job(
             entrypoint=entry, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}

@@ -34,7 +34,11 @@ def local_ray():
 
 
 def _cfg(tiny_cfg):
-    return tiny_cfg.with_overrides({"train.epochs": 6, "train.batch_size": 128})
+    """Few final restarts (100 on pollen by default): each run's final step over gloo is
+    seconds of the suite's longest chain, and none of these tests is about restarts."""
+    return tiny_cfg.with_overrides(
+        {"train.epochs": 6, "train.batch_size": 128, "cluster.final_n_init": 4}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +105,8 @@ def test_cli_fit_with_workers(data_dir, local_ray, tmp_path):
             str(tmp_path / "ray"),
             "--set",
             "train.epochs=4",
+            "--set",
+            "cluster.final_n_init=4",
             "--json",
             "--quiet",
         ]
@@ -168,7 +174,12 @@ def test_two_workers_streaming_from_disk(data_dir, local_ray, tmp_path):
 
     atlas = simulate(data_dir / "pollen.h5ad", 4000, tmp_path / "atlas.h5ad", n_genes=400)
     cfg = CICLConfig().with_overrides(
-        {"train.block_size": 512, "cluster.kmeans_sample": 2000, "train.max_steps": 40}
+        {
+            "train.block_size": 512,
+            "cluster.kmeans_sample": 2000,
+            "train.max_steps": 40,
+            "cluster.final_n_init": 4,
+        }
     )
     opts = RayOptions(workers=2, storage=str(tmp_path / "ray"), name="st")
     uns = fit_h5ad_stream(atlas, tmp_path / "o.h5ad", 11, config=cfg, ray_options=opts)
