@@ -43,3 +43,33 @@ def test_reference_preset_reproduces_code_switches(tmp_path):
 def test_flat_has_dotted_keys():
     flat = CICLConfig().flat()
     assert "loss.temperature" in flat and flat["seed"] == 0
+
+
+def test_every_value_of_every_shipped_space_makes_a_valid_trial_config():
+    """A typo in a space's values (a metric or encoder name, a bound out of range) would only
+    fail in the trial that draws it, minutes into a sweep; load_space probes one value per key."""
+    from cicl.sweep import TUNE_DIR, load_space, trial_config
+
+    spaces = sorted(TUNE_DIR.glob("*.yaml"))
+    assert {p.stem for p in spaces} >= {"default", "small", "large"}
+    for path in spaces:
+        space = load_space(path.stem)
+        for key, dist in space.params.items():
+            if dist["type"] == "k_around_estimate":
+                continue
+            values = dist["values"] if dist["type"] == "choice" else [dist["low"], dist["high"]]
+            for v in values:
+                cfg = trial_config(CICLConfig(), space, {key: v})
+                if key != "augment.type":
+                    section, name = key.split(".")
+                    assert getattr(getattr(cfg, section), name) == v, (path.name, key, v)
+    large = load_space("large")
+    assert large.params["cluster.metric"]["values"] == ["full", "tied", "euclidean"]
+
+
+def test_a_misspelt_choice_in_a_space_fails_its_trial_config():
+    from cicl.sweep import Space, trial_config
+
+    space = Space("t", {"cluster.metric": {"type": "choice", "values": ["full", "eucldean"]}}, {})
+    with pytest.raises(ConfigError, match="metric"):
+        trial_config(CICLConfig(), space, {"cluster.metric": "eucldean"})
