@@ -366,7 +366,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
     if track is not None:
-        result["mlflow_run"] = _log_fit(args, track, adata, result)
+        result["mlflow_run"] = _log_fit(args, track, adata, result, result.get("plot"))
     _summary(adata.obs, args.key_added, result)
     if args.json:
         print(json.dumps(result))
@@ -493,7 +493,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_fit(args, uri: str, adata, result: dict, figure=None) -> dict[str, str]:
+def _log_fit(args, uri: str, adata, result: dict, figure: str | bool | None) -> dict[str, str]:
     """Log a finished fit to MLflow (after the output is written: tracking never costs the
     result); ``cicl.tracking.log_fit`` does the work, as it does for the Python API."""
     from cicl.tracking import log_fit
@@ -508,7 +508,7 @@ def _log_fit(args, uri: str, adata, result: dict, figure=None) -> dict[str, str]
             experiment=args.experiment or f"fit-{stem}",
             run_name=f"fit-{stem}-seed{int(adata.uns[args.key_added]['params']['seed'])}",
             label_key=args.label_key,
-            figure=result.get("plot") if figure is None else figure,
+            figure=figure,
             params={"input": source, "output": str(args.out)},
             metrics={"seconds": result["seconds"]},
             tags={"cicl.input": source},
@@ -543,7 +543,7 @@ def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None 
     )
     pre = info["preprocess"]
     result = {**_result(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
-    res = _open_on_disk(str(out), ("obs", "var", "obsm", "uns"))
+    res = _open_on_disk(str(out), ("obs", "uns"))  # labels and record: not the atlas' embedding
     if args.label_key is not None:
         result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))
     result["seconds"] = round(time.perf_counter() - t0, 2)

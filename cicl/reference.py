@@ -28,7 +28,7 @@ import torch
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.cluster.kmeans import distance_percentile, distance_quantiles
 from cicl.config import CICLConfig
-from cicl.data.io import check_axes, check_finite, check_matrix
+from cicl.data.io import check_axes, check_finite, check_matrix, read_annotations
 from cicl.data.preprocess import Prepared, choose_matrix, detect_values
 from cicl.data.stream import BlockTransform, FileMatrix, choose_file_matrix
 from cicl.errors import InputError
@@ -115,12 +115,10 @@ def load_reference(reference: ad.AnnData | str | Path, key: str = DEFAULT_KEY) -
         path = Path(reference)
         if not path.is_file():
             raise InputError(f"reference '{path}' does not exist. Give the .h5ad `cicl fit` wrote.")
-        try:
-            reference = ad.read_h5ad(path, backed="r")
+        try:  # uns only: a fitted atlas' layers and embedding stay on disk
+            uns = read_annotations(path, ("uns",)).uns.get(key)
         except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
             raise InputError(f"cannot read reference '{path}' as .h5ad ({e}).") from None
-        uns = reference.uns.get(key)
-        reference.file.close()
     else:
         uns = reference.uns.get(key)
     if uns is None:
