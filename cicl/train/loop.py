@@ -95,6 +95,75 @@ def auto_epochs(n_cells: int, batch_size: int, epochs: int, min_steps: int, max_
     return max(1, math.ceil(steps / steps_per_epoch))
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long training runs: epochs, this rank's share of the global batch, steps per epoch
+    (the same on every rank: the smallest shard's) and the last warm-up epoch."""
+
+    epochs: int
+    batch_local: int
+    steps_per_epoch: int
+    warm_epoch: int
+
+
+def schedule(cfg: CICLConfig, n: int, n_local: int, comm: Comm) -> Schedule:
+    """The training schedule for ``n`` cells, ``n_local`` of them on this rank."""
+    bs = min(cfg.train.batch_size, n)
+    epochs = cfg.train.epochs or auto_epochs(
+        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
+    )
+    b_local = max(1, bs // comm.world)  # the global batch is split evenly over ranks
+    steps = int(comm.min(torch.tensor(max(1, n_local // b_local))))
+    if cfg.train.steps_per_epoch is not None:
+        steps = min(steps, cfg.train.steps_per_epoch)
+    return Schedule(epochs, b_local, steps, int(round(cfg.loss.warmup_frac * epochs)))
+
+
+def round_kmeans(
+    h: torch.Tensor, k: int, cfg: CICLConfig, prev: KMeansResult | None, comm: Comm
+) -> KMeansResult:
+    """A reclustering round's K-means: ``cluster.n_init`` restarts and, after the first round,
+    a warm start from the previous round's centroids; whichever fits better."""
+    res = kmeans(
+        h, k, n_init=cfg.cluster.n_init, max_iter=cfg.cluster.max_iter, seed=cfg.seed, comm=comm
+    )
+    if prev is not None:
+        warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
+        if warm.inertia <= res.inertia:
+            res = warm
+    return res
+
+
+def round_record(
+    epoch: int,
+    steps: int,
+    sums: tuple[float, float, float, float],
+    n_steps: int,
+    km: KMeansResult,
+    prev_labels: torch.Tensor,
+    labels: torch.Tensor,
+    cluster_active: bool,
+) -> dict:
+    """One entry of the training history: the epoch's mean losses (``sums`` = total, instance,
+    cluster, reconstruction over ``n_steps`` steps), the round's inertia and how much of this
+    rank's labelling changed since the last entry (1 - ARI: K-means restarts renumber
+    clusters, so the change must be permutation-invariant)."""
+    nb = max(n_steps, 1)
+    tot, inst, clu, rec = sums
+    return {
+        "epoch": epoch,
+        "step": steps,
+        "loss": tot / nb,
+        "instance_loss": inst / nb,
+        "cluster_loss": clu / nb,
+        "recon_loss": rec / nb,
+        "inertia": km.inertia,
+        "label_change": 1.0
+        - float(adjusted_rand_score(prev_labels.cpu().numpy(), labels.cpu().numpy())),
+        "cluster_active": bool(cluster_active),
+    }
+
+
 def recon_kind(cfg: CICLConfig, has_counts: bool) -> str | None:
     """The reconstruction term that trains (``loss.recon``): "nb" on raw counts, "gaussian"
     on the scaled input, or None. "auto" takes nb when the counts are there."""
@@ -328,15 +397,8 @@ def train(
             return ct[idx], lib[idx]
         return (xt[idx],) if recon == "gaussian" else None
 
-    bs = min(cfg.train.batch_size, n)
-    epochs = cfg.train.epochs or auto_epochs(
-        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
-    )
-    b_local = max(1, bs // comm.world)  # the global batch is split evenly over ranks
-    steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
-    if cfg.train.steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-    warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
+    sched = schedule(cfg, n, n_local, comm)
+    epochs = sched.epochs
 
     def nbr_rows(idx: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(nbr.shape[1], (idx.shape[0],), generator=gen, device=gen.device)
@@ -360,16 +422,6 @@ def train(
     def space(h: torch.Tensor) -> torch.Tensor:
         return cluster_space(h, pca_block, cfg.cluster.space)
 
-    def cluster(h: torch.Tensor, n_init: int = cfg.cluster.n_init) -> KMeansResult:
-        return kmeans(
-            h,
-            n_clusters,
-            n_init=n_init,
-            max_iter=cfg.cluster.max_iter,
-            seed=cfg.seed,
-            comm=comm,
-        )
-
     pl_train = cfg.cluster.pseudo_label_mode == "train"
 
     def pseudo_labels(
@@ -386,12 +438,7 @@ def train(
     def recluster(prev: KMeansResult | None) -> tuple[KMeansResult, torch.Tensor]:
         sync_norm_stats(model, comm)
         h = space(embed(model, xt, train_mode=pl_train))
-        res = cluster(h)
-        if prev is not None:  # warm start from the previous round, keep whichever fits better
-            warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
-            if warm.inertia <= res.inertia:
-                res = warm
-        return res, h
+        return round_kmeans(h, n_clusters, cfg, prev, comm), h
 
     history: list[dict] = []
     h_round: torch.Tensor | None = None  # the last round's embedding, reused for pseudo-labels
@@ -407,10 +454,10 @@ def train(
     for epoch in range(start_epoch, epochs + 1):
         model.train()
         perm = torch.randperm(n_local, generator=gen, device=gen.device)
-        use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
+        use_cluster = cfg.loss.lam > 0 and epoch > sched.warm_epoch
         tot = inst_tot = clu_tot = rec_tot = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * b_local : (i + 1) * b_local]
+        for i in range(sched.steps_per_epoch):
+            idx = perm[i * sched.batch_local : (i + 1) * sched.batch_local]
             if static is not None:
                 v1, v2 = static[0][idx], static[1][idx]
             else:
@@ -424,7 +471,6 @@ def train(
             inst_tot += li
             clu_tot += lc
             rec_tot += lr
-        nb = max(steps_per_epoch, 1)
         every = cfg.cluster.recluster_every
         if every is None and use_cluster:
             # official code: centroids fixed, pseudo-labels re-derived as the embedding moves
@@ -434,19 +480,10 @@ def train(
             conf_all, lab_all = pseudo_labels(km, h_round)
         log_every = every or 5  # without reclustering, still record every 5 epochs (as the code)
         if epoch % log_every == 0 or epoch == epochs:
-            rec = {
-                "epoch": epoch,
-                "step": steps,
-                "loss": tot / nb,
-                "instance_loss": inst_tot / nb,
-                "cluster_loss": clu_tot / nb,
-                "recon_loss": rec_tot / nb,
-                "inertia": km.inertia,
-                # permutation-invariant: K-means restarts renumber clusters (this rank's cells)
-                "label_change": 1.0
-                - float(adjusted_rand_score(prev_labels.cpu().numpy(), lab_all.cpu().numpy())),
-                "cluster_active": bool(use_cluster),
-            }
+            sums = (tot, inst_tot, clu_tot, rec_tot)
+            rec = round_record(
+                epoch, steps, sums, sched.steps_per_epoch, km, prev_labels, lab_all, use_cluster
+            )
             if round_metrics is not None:
                 rec.update(
                     round_metrics(
@@ -459,7 +496,7 @@ def train(
                 on_round(rec, make_state(epoch, steps, model, opt, km, history, gen, comm))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{tot / nb:.3f}")
+            bar.set_postfix(loss=f"{tot / max(sched.steps_per_epoch, 1):.3f}")
     if bar is not None:
         bar.close()
 

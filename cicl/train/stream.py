@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from cicl.cluster.kmeans import KMeansResult, kmeans, lloyd
+from cicl.cluster.kmeans import KMeansResult
 from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
@@ -27,7 +27,6 @@ from cicl.train.loop import (
     TrainResult,
     _progress,
     assign_cells,
-    auto_epochs,
     build_model,
     cluster_pca_weight,
     cluster_space,
@@ -40,6 +39,9 @@ from cicl.train.loop import (
     recon_kind,
     resolve_device,
     rng,
+    round_kmeans,
+    round_record,
+    schedule,
     sync_norm_stats,
     total_loss,
     train_step,
@@ -105,15 +107,8 @@ def train_stream(
     n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
     recon = recon_kind(cfg, source.has_counts)
     model, net, opt = build_model(n_genes, cfg, groups, pca_init, device, comm, recon)
-    bs = min(cfg.train.batch_size, n)
-    b_local = max(1, bs // comm.world)
-    epochs = cfg.train.epochs or auto_epochs(
-        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
-    )
-    steps_per_epoch = int(comm.min(torch.tensor(max(1, n_local // b_local))))
-    if cfg.train.steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-    warm_epoch = int(round(cfg.loss.warmup_frac * epochs))
+    sched = schedule(cfg, n, n_local, comm)
+    epochs, b_local, steps_per_epoch = sched.epochs, sched.batch_local, sched.steps_per_epoch
     p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=device)
     pca_weight = cluster_pca_weight(cfg, n)
     p_scale = pca_weight / float(pca_stats[1])
@@ -156,19 +151,7 @@ def train_stream(
 
     def recluster(prev: KMeansResult | None) -> KMeansResult:
         t = time.perf_counter()
-        h = sample_space()
-        res = kmeans(
-            h,
-            n_clusters,
-            n_init=cfg.cluster.n_init,
-            max_iter=cfg.cluster.max_iter,
-            seed=cfg.seed,
-            comm=comm,
-        )
-        if prev is not None:
-            warm = lloyd(h, prev.centroids, max_iter=cfg.cluster.max_iter, comm=comm)
-            if warm.inertia <= res.inertia:
-                res = warm
+        res = round_kmeans(sample_space(), n_clusters, cfg, prev, comm)
         timings["kmeans"] += time.perf_counter() - t
         return res
 
@@ -196,7 +179,7 @@ def train_stream(
     bar = _progress(epochs, progress and comm.rank == 0, initial=start_epoch - 1)
     for epoch in range(start_epoch, epochs + 1):
         model.train()
-        use_cluster = cfg.loss.lam > 0 and epoch > warm_epoch
+        use_cluster = cfg.loss.lam > 0 and epoch > sched.warm_epoch
         done, tot, inst, clu, rec_sum = 0, 0.0, 0.0, 0.0, 0.0
         t_epoch = time.perf_counter()
         blocks = _blocks(n_local, block, gen)
@@ -244,20 +227,8 @@ def train_stream(
         if every is not None and (epoch % every == 0 or epoch == epochs):
             km = recluster(km)
             assign_all(km)
-            nb = max(done, 1)
-            from sklearn.metrics import adjusted_rand_score
-
-            rec = {
-                "epoch": epoch,
-                "step": steps,
-                "loss": tot / nb,
-                "instance_loss": inst / nb,
-                "cluster_loss": clu / nb,
-                "recon_loss": rec_sum / nb,
-                "inertia": km.inertia,
-                "label_change": 1.0 - float(adjusted_rand_score(prev.numpy(), lab_all.numpy())),
-                "cluster_active": bool(use_cluster),
-            }
+            sums = (tot, inst, clu, rec_sum)
+            rec = round_record(epoch, steps, sums, done, km, prev, lab_all, use_cluster)
             prev = lab_all.clone()
             history.append(rec)
             if on_round is not None:
