@@ -29,6 +29,7 @@ def fit(
     n_clusters: int | None = None,
     *,
     config: CICLConfig | None = None,
+    seed: int | None = None,
     layer: str | None = "auto",
     batch_key: str | None = None,
     key_added: str = DEFAULT_KEY,
@@ -46,6 +47,8 @@ def fit(
     without labels (scanpy's default Leiden on the PCA; see ``cicl.data.estimate``).
     ``batch_key`` (an obs column: sample, donor, run) selects HVGs within batches and removes
     per-batch gene shifts with scanpy's ComBat before scaling (``preprocess.batch_key``).
+    ``seed`` overrides the config's ``seed`` (as ``--seed``): the same seed gives the same
+    labels on the same CPU at the same thread count (``uns[key_added]["threads"]``).
 
     Sets the following fields:
 
@@ -62,6 +65,8 @@ def fit(
     Returns ``adata`` if ``copy`` else None.
     """
     cfg = config or CICLConfig()
+    if seed is not None:
+        cfg = cfg.with_overrides({"seed": int(seed)})
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
     if batch_key is not None:
@@ -190,6 +195,7 @@ def write_result(
         "seconds": float(seconds),
         "workers": int(workers),
         "device": res.device,
+        "threads": int(res.threads),
         "decoder": res.decoder,
         **({} if res.pca_weight is None else {"pca_weight": float(res.pca_weight)}),
         **metric_uns(res.metric),

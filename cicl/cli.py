@@ -575,6 +575,7 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "steps": int(info["steps"]),
         "workers": int(info["workers"]),
         "device": str(info.get("device", "cpu")),
+        **({"threads": int(info["threads"])} if "threads" in info else {}),
         "decoder": str(info.get("decoder", "off")),
         **(
             {"pca_weight": float(info["pca_weight"]), "pca_weight_source": _weight_source(info)}
@@ -618,7 +619,9 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
         f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
         f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s) on "
-        f"{r['device']}; "
+        f"{r['device']}"
+        + (f", {r['threads']} threads each" if r.get("device") == "cpu" and "threads" in r else "")
+        + "; "
         + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
         + f"total {r['seconds']:.1f} s",
     ]

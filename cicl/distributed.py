@@ -256,6 +256,7 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         pca_center=None if meta.get("pca_center") is None else np.asarray(meta["pca_center"]),
         pca_scale=meta.get("pca_scale", 1.0),
         device=meta.get("device", "cpu"),
+        threads=meta.get("threads", 1),
         decoder=meta.get("decoder", "off"),
         pca_weight=meta.get("pca_weight"),
         metric=metric_record(load_metric(meta.get("metric"))),  # meta.json's lists -> arrays
@@ -376,6 +377,7 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "pca_center": None if res.pca_center is None else res.pca_center.tolist(),
         "pca_scale": res.pca_scale,
         "device": res.device,
+        "threads": res.threads,
         "decoder": res.decoder,
         "pca_weight": res.pca_weight,
         "metric": None

@@ -3,6 +3,7 @@ import json
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 import cicl
 from cicl.cli import main
@@ -35,10 +36,15 @@ def test_fit_writes_scanpy_style_fields_and_leaves_x(syn, tiny_cfg):
 
 def test_copy_and_same_seed_same_labels(syn, tiny_cfg):
     a = cicl.fit(syn, 3, config=tiny_cfg, copy=True, progress=False)
-    b = cicl.fit(syn, 3, config=tiny_cfg, copy=True, progress=False)
+    # ``seed=`` (scanpy-style keyword, as ``--seed``) wins over the config's seed
+    other = tiny_cfg.with_overrides({"seed": tiny_cfg.seed + 5})
+    b = cicl.fit(syn, 3, config=other, seed=tiny_cfg.seed, copy=True, progress=False)
     assert "cicl" not in syn.obs
+    assert b.uns["cicl"]["params"]["seed"] == tiny_cfg.seed
     assert np.array_equal(a.obs["cicl"].to_numpy(), b.obs["cicl"].to_numpy())
     assert np.allclose(a.obsm["X_cicl"], b.obsm["X_cicl"])
+    # labels repeat at the same thread count, so the fit records it
+    assert a.uns["cicl"]["threads"] == torch.get_num_threads()
 
 
 def test_k_is_estimated_without_labels(syn, tiny_cfg):
@@ -84,6 +90,7 @@ def test_cli_json_and_summary(tmp_path, syn, tiny_cfg, capsys):
     assert line["n_cells"] == 150 and line["n_clusters"] == 3 and line["ari"] > 0.9
     assert "wrote" in cap.err and "ARI" in cap.err
     assert line["device"] == "cpu" and "1 worker(s) on cpu" in cap.err  # no GPU here
+    assert f"cpu, {line['threads']} threads each" in cap.err
     res = ad.read_h5ad(out)
     assert "cicl" in res.obs and res.uns["cicl"]["params"]["seed"] == 2
     assert res.uns["cicl"]["device"] == "cpu"

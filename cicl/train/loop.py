@@ -53,6 +53,9 @@ class TrainResult:
     pca_center: np.ndarray | None = None
     pca_scale: float = 1.0
     device: str = "cpu"  # what trained it (``device_name``), reported in uns and the summary
+    # torch's CPU threads per process: float sums split by thread, so the same seed gives the
+    # same labels only at the same thread count (and CPU); recorded so a fit can be repeated
+    threads: int = 1
     # what the decoder reconstructed ("nb": raw counts, "gaussian": the scaled input, "off"):
     # ``loss.recon: auto`` decides from the input, so the result says what it chose
     decoder: str = "off"
@@ -526,6 +529,7 @@ def train(
         pca_center=pca_center,
         pca_scale=pca_scale,
         device=device_name(device),
+        threads=torch.get_num_threads(),
         decoder=recon or "off",
         pca_weight=pca_weight,
         metric=metric_record(metric),

@@ -270,6 +270,7 @@ def train_stream(
         pca_center=np.asarray(pca_stats[0], dtype=np.float64),
         pca_scale=p_scale,
         device=device_name(device),
+        threads=torch.get_num_threads(),
         decoder=recon or "off",
         pca_weight=pca_weight if cfg.cluster.space == "hybrid" else None,
         metric=metric_record(metric),
