@@ -171,7 +171,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     in one process. torch's SyncBatchNorm runs only on GPUs; this one all-reduces the per-feature
     sums through ``comm`` (gloo or NCCL) with gradients. Only gradient-taking training
     forwards synchronise (every rank makes the same number of optimiser steps); other forwards
-    use local statistics or, in eval mode, the running ones, as BatchNorm1d."""
+    use local statistics or, in eval mode, the running ones, as BatchNorm1d. Also used on CPU
+    in one process: torch's CPU BatchNorm kernel splits its per-feature sums by thread, so the
+    same seed trained other weights at another thread count; ``x.sum(0)`` does not."""
 
     def __init__(self, bn: nn.BatchNorm1d, comm: Comm):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -180,7 +182,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()) or self.comm.world == 1:
+        if not (self.training and torch.is_grad_enabled()) or (self.comm.world == 1 and x.is_cuda):
             return super().forward(x)
         d = x.shape[1]
         n = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
@@ -202,8 +204,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 def global_batch_norm(model: nn.Module, comm: Comm) -> nn.Module:
     """Swap every BatchNorm1d in ``model`` for a ``GlobalBatchNorm1d`` over ``comm`` (same
-    weights and statistics; the state dict keeps its keys, so saved models load either way)."""
-    if comm.world == 1:
+    weights and statistics; the state dict keeps its keys, so saved models load either way):
+    across ranks, and on CPU (thread-count-independent sums); one GPU keeps torch's kernel."""
+    params = list(model.parameters())
+    if comm.world == 1 and params and params[0].is_cuda:
         return model
     for name, child in model.named_children():
         if isinstance(child, nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
