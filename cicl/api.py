@@ -48,7 +48,7 @@ def fit(
     ``batch_key`` (an obs column: sample, donor, run) selects HVGs within batches and removes
     per-batch gene shifts with scanpy's ComBat before scaling (``preprocess.batch_key``).
     ``seed`` overrides the config's ``seed`` (as ``--seed``): the same seed gives the same
-    labels on the same CPU at the same thread count (``uns[key_added]["threads"]``).
+    labels on the same kind of CPU, at any thread count.
 
     Sets the following fields:
 

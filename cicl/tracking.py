@@ -321,7 +321,7 @@ def log_fit(
         "matrix": str(info["preprocess"].get("matrix", "X")),  # X, layers['counts'], raw.X
         "n_genes_used": int(info["preprocess"]["n_genes_used"]),
         "workers": int(info.get("workers", 1)),
-        # what repeating the run's labels needs besides the seed (same CPU, same threads)
+        # torch's CPU threads per process: what its seconds were measured with
         **({"threads": int(info["threads"])} if "threads" in info else {}),
         # the hybrid space's PCA weight as used (``cluster.pca_weight`` is None under the rule)
         **({"pca_weight": float(info["pca_weight"])} if "pca_weight" in info else {}),

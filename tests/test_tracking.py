@@ -121,7 +121,7 @@ def test_python_api_logs_a_fit_new_run_or_the_active_one(tmp_path, tiny_cfg):
     assert run.data.params["cluster.n_clusters"] == "3"
     assert float(run.data.params["pca_weight"]) == 2.0  # the rule's weight at 150 cells
     assert run.data.params["matrix"] == "X"  # which matrix was read (--layer auto)
-    assert run.data.params["threads"] == str(adata.uns["cicl"]["threads"])  # labels depend on it
+    assert run.data.params["threads"] == str(adata.uns["cicl"]["threads"])
     m = run.data.metrics
     assert m["final_metric_shrinkage"] == pytest.approx(adata.uns["cicl"]["metric"]["shrinkage"])
     assert m["final_objective"] == pytest.approx(adata.uns["cicl"]["silhouette_pca"])

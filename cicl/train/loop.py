@@ -53,8 +53,8 @@ class TrainResult:
     pca_center: np.ndarray | None = None
     pca_scale: float = 1.0
     device: str = "cpu"  # what trained it (``device_name``), reported in uns and the summary
-    # torch's CPU threads per process: float sums split by thread, so the same seed gives the
-    # same labels only at the same thread count (and CPU); recorded so a fit can be repeated
+    # torch's CPU threads per process, reported with the time it took (the labels do not
+    # depend on it: see ``GlobalBatchNorm1d``)
     threads: int = 1
     # what the decoder reconstructed ("nb": raw counts, "gaussian": the scaled input, "off"):
     # ``loss.recon: auto`` decides from the input, so the result says what it chose
