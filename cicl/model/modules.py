@@ -182,7 +182,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()) or (self.comm.world == 1 and x.is_cuda):
+        if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         d = x.shape[1]
         n = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
@@ -206,14 +206,13 @@ def global_batch_norm(model: nn.Module, comm: Comm) -> nn.Module:
     """Swap every BatchNorm1d in ``model`` for a ``GlobalBatchNorm1d`` over ``comm`` (same
     weights and statistics; the state dict keeps its keys, so saved models load either way):
     across ranks, and on CPU (thread-count-independent sums); one GPU keeps torch's kernel."""
-    params = list(model.parameters())
-    if comm.world == 1 and params and params[0].is_cuda:
+    first = next(model.parameters(), None)
+    if comm.world == 1 and first is not None and first.is_cuda:
         return model
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
-            setattr(model, name, GlobalBatchNorm1d(child, comm))
-        else:
-            global_batch_norm(child, comm)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
+                setattr(parent, name, GlobalBatchNorm1d(child, comm))
     return model
 
 
