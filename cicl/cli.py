@@ -575,7 +575,7 @@ def _result(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "steps": int(info["steps"]),
         "workers": int(info["workers"]),
         "device": str(info.get("device", "cpu")),
-        **({"threads": int(info["threads"])} if "threads" in info else {}),
+        "threads": int(info["threads"]),  # torch threads per process (write_result records it)
         "decoder": str(info.get("decoder", "off")),
         **(
             {"pca_weight": float(info["pca_weight"]), "pca_weight_source": _weight_source(info)}
@@ -620,7 +620,7 @@ def _summary(obs, key: str, r: dict[str, Any]) -> None:
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
         f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s) on "
         f"{r['device']}"
-        + (f", {r['threads']} threads each" if r.get("device") == "cpu" and "threads" in r else "")
+        + (f", {r['threads']} threads each" if r["device"] == "cpu" else "")
         + "; "
         + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
         + f"total {r['seconds']:.1f} s",
