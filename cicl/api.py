@@ -17,6 +17,7 @@ from cicl.data.io import check_matrix
 from cicl.data.preprocess import choose_matrix, preprocess, record_matrix
 from cicl.errors import InputError
 from cicl.objective import score_labels
+from cicl.objective import truth_scores as score
 from cicl.reference import model_record
 
 if TYPE_CHECKING:
@@ -239,19 +240,6 @@ def _h5_safe(d: Any) -> Any:
     if isinstance(d, (list, tuple)):
         return [_h5_safe(v) for v in d]
     return "none" if d is None else d
-
-
-def score(labels: np.ndarray, truth: pd.Series) -> dict[str, float]:
-    """ARI and NMI against a label column: reported only, never used to choose anything.
-    Cells without a label (dropped by preprocessing) are left out."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    keep = ~pd.isna(np.asarray(labels, dtype=object))
-    labels, truth = np.asarray(labels)[keep], np.asarray(truth)[keep]
-    return {
-        "ari": float(adjusted_rand_score(truth, labels)),
-        "nmi": float(normalized_mutual_info_score(truth, labels)),
-    }
 
 
 def fit_h5ad_stream(

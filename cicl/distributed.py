@@ -322,17 +322,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
     x, pcs, idx, counts = ray.get(config["shards"][rank])
     hook = None
     if config.get("objective"):  # sweeps: score every round on this rank's cells
-        from cicl.objective import score_labels
+        from cicl.objective import score_labels, truth_scores
 
         truth = config["truth"][rank] if config.get("truth") is not None else None
 
         def hook(labels: np.ndarray, emb) -> dict:
             out = {"objective": score_labels(config["objective"], labels, pcs, emb, truth)}
             if truth is not None:
-                from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-                out["ari"] = float(adjusted_rand_score(truth, labels))
-                out["nmi"] = float(normalized_mutual_info_score(truth, labels))
+                out.update(truth_scores(labels, truth))
             return out
 
     on_round = _reporter(rank, config)

@@ -32,6 +32,22 @@ def _sample(n: int, max_cells: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
 
 
+def truth_scores(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """ARI and NMI of ``labels`` against the true labels: reported only, never used to choose
+    anything unless asked for by name (``--objective ari|nmi``). Cells without a label (dropped
+    by preprocessing: missing in ``labels``) are left out. The one place cicl scores truth."""
+    import pandas as pd
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    labels = np.asarray(labels, dtype=object)
+    keep = ~pd.isna(labels)
+    lab, tru = labels[keep].astype(str), np.asarray(truth, dtype=object)[keep]
+    return {
+        "ari": float(adjusted_rand_score(tru, lab)),
+        "nmi": float(normalized_mutual_info_score(tru, lab)),
+    }
+
+
 def score_labels(
     name: str,
     labels: np.ndarray,
@@ -42,19 +58,13 @@ def score_labels(
     seed: int = 0,
 ) -> float:
     """Value of objective ``name`` (higher is better) for ``labels``."""
-    from sklearn.metrics import (
-        adjusted_rand_score,
-        calinski_harabasz_score,
-        normalized_mutual_info_score,
-        silhouette_score,
-    )
+    from sklearn.metrics import calinski_harabasz_score, silhouette_score
 
     name = resolve(name)
     if name in SUPERVISED:
         if truth is None:
             raise ValueError(f"objective '{name}' needs true labels (--label-key)")
-        fn = adjusted_rand_score if name == "ari" else normalized_mutual_info_score
-        return float(fn(truth, labels))
+        return truth_scores(labels, truth)[name]
     if len(np.unique(labels)) < 2:
         return -1.0
     idx = _sample(len(labels), max_cells, seed)

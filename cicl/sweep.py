@@ -29,7 +29,7 @@ import yaml
 
 from cicl.config import CICLConfig
 from cicl.errors import CICLError
-from cicl.objective import SUPERVISED, resolve, score_labels
+from cicl.objective import SUPERVISED, resolve, score_labels, truth_scores
 from cicl.tracking import (
     child_runs,
     default_mlflow_uri,
@@ -305,10 +305,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         "n_clusters": float(k),
     }
     if setup.truth is not None:
-        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-        final["ari"] = float(adjusted_rand_score(setup.truth, res.labels))
-        final["nmi"] = float(normalized_mutual_info_score(setup.truth, res.labels))
+        final.update(truth_scores(res.labels, setup.truth))
     steps = int(res.history[-1]["epoch"]) + 1 if res.history else 1
     log_metrics(setup.mlflow_uri, run_id, {f"final_{k_}": v for k_, v in final.items()}, steps)
     np.save(trial_dir / "labels.npy", res.labels)
