@@ -6,9 +6,13 @@ pulls in AnnData, scanpy, Ray or MLflow.
 
 from importlib import import_module
 
+from cicl._cpu import pin_cpu_kernels
+
+pin_cpu_kernels()  # before anything imports torch: see cicl._cpu
+
 _EXPORTS = {
     "fit": "cicl.api",
-    "score": "cicl.api",
+    "score": "cicl.objective:truth_scores",
     "predict": "cicl.reference",
     "log_fit": "cicl.tracking",
     "CICLConfig": "cicl.config",
@@ -25,5 +29,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        module, _, attr = _EXPORTS[name].partition(":")
+        return getattr(import_module(module), attr or name)
     raise AttributeError(f"module 'cicl' has no attribute {name!r}")

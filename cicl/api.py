@@ -17,7 +17,6 @@ from cicl.data.io import check_matrix
 from cicl.data.preprocess import choose_matrix, preprocess, record_matrix
 from cicl.errors import InputError
 from cicl.objective import score_labels
-from cicl.objective import truth_scores as score
 from cicl.reference import model_record
 
 if TYPE_CHECKING:

@@ -314,8 +314,9 @@ def _ray_options(args: argparse.Namespace):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from cicl.api import fit, score
+    from cicl.api import fit
     from cicl.data.io import check_output, read_input, write_h5ad_atomic
+    from cicl.objective import truth_scores as score
 
     overrides = _parse_set(args.set)
     if args.preset:
@@ -398,8 +399,8 @@ def _check_label_key(adata, key: str | None) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cicl._keys import embedding_key
-    from cicl.api import score
     from cicl.data.io import check_output, read_input, write_h5ad_atomic
+    from cicl.objective import truth_scores as score
     from cicl.reference import ATYPICAL_PCT, load_reference, predict
 
     out = check_output(args.input, args.out, args.force)
@@ -524,7 +525,8 @@ def _log_fit(args, uri: str, adata, result: dict, figure: str | bool | None) -> 
 def _fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None = None) -> int:
     """``cicl fit --stream``: the atlas is never loaded; the output is a copy of the input
     file with the results added."""
-    from cicl.api import fit_h5ad_stream, score
+    from cicl.api import fit_h5ad_stream
+    from cicl.objective import truth_scores as score
 
     if args.plot:
         raise CICLError("--plot is not supported with --stream (an atlas UMAP is too slow).")

@@ -96,10 +96,12 @@ def ray_runtime_env() -> dict:
     blocks (4,096 cells x 2,000 genes) come from the heap and fragment it: a 1-thread worker
     streaming 1 M cells peaked at 3.2-3.5 GB against 1.0 GB at 100 k. A fixed 4 MiB threshold
     keeps large blocks in mmap, returned on free (1.28 GB at 1 M; benchmarks/scaling.py). A
-    value the user set is kept."""
-    return {
-        "env_vars": {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "4194304")}
-    }
+    value the user set is kept. Workers pin torch's CPU kernels as the driver does
+    (``cicl._cpu``): Ray Train imports torch before a worker imports cicl."""
+    from cicl._cpu import kernel_env
+
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "4194304")
+    return {"env_vars": {"MALLOC_MMAP_THRESHOLD_": threshold, **kernel_env()}}
 
 
 def ensure_ray(address: str | None = None):

@@ -298,8 +298,8 @@ def log_fit(
 
     import pandas as pd
 
-    from cicl.api import score
     from cicl.config import CICLConfig
+    from cicl.objective import truth_scores as score
     from cicl.reference import reference_adata
 
     if key not in adata.uns or "params" not in adata.uns[key]:

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+
+import cicl  # noqa: F401  (first: pins torch's CPU kernels before torch loads, see cicl._cpu)
+
+# isort: split
 import torch
 
 # `make test` runs two pytest-xdist workers: share the cores between them

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import torch
 
@@ -121,7 +123,8 @@ def test_token_readout_reads_every_module_after_attention():
 def test_training_does_not_depend_on_the_thread_count(tiny_cfg):
     """torch's CPU BatchNorm kernel splits its sums by thread (on treutlein, seed 0, the
     embeddings at 1 and 2 threads differed by up to 0.033); the BatchNorm training uses on CPU
-    does not, so a seed gives the same weights and labels at any thread count."""
+    does not, so a seed gives the same weights and labels at any thread count. On AVX-512
+    hosts this holds only with torch's kernels pinned to their AVX2 path (``cicl._cpu``)."""
     from cicl.data.preprocess import preprocess
     from cicl.data.synthetic import synthetic_adata
     from cicl.train.loop import train
@@ -139,3 +142,36 @@ def test_training_does_not_depend_on_the_thread_count(tiny_cfg):
     assert runs[0].threads == 1 and runs[1].threads == 2
     assert np.array_equal(runs[0].embedding, runs[1].embedding)
     assert np.array_equal(runs[0].labels, runs[1].labels)
+
+
+def test_import_cicl_pins_the_cpu_kernels_on_x86():
+    """``import cicl`` before torch runs torch's AVX2 kernels on any x86 host with AVX2 (an
+    AVX-512 host included), so thread counts and hosts agree; elsewhere it changes nothing."""
+    import subprocess
+    import sys
+
+    from cicl._cpu import kernel_env
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    code = "import cicl, torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()
+    if kernel_env():
+        assert out == "AVX2"
+        assert torch.backends.cpu.get_cpu_capability() == "AVX2"  # this process: conftest
+
+
+def test_kernel_pin_only_where_the_cpu_has_avx2(monkeypatch):
+    from cicl import _cpu
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(_cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(_cpu, "_cpu_flags", lambda: {"sse2", "avx"})
+    assert _cpu.kernel_env() == {}
+    monkeypatch.setattr(_cpu, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert _cpu.kernel_env()["ATEN_CPU_CAPABILITY"] == "avx2"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # the user's choice is kept
+    assert _cpu.kernel_env()["ATEN_CPU_CAPABILITY"] == "default"
+    monkeypatch.setattr(_cpu.platform, "machine", lambda: "aarch64")
+    assert _cpu.kernel_env() == {}
