@@ -229,7 +229,7 @@ def test_version_names_cicl_and_its_stack(capsys):
 
 
 def test_results_feed_scanpy_downstream(syn, tiny_cfg):
-    """The README's scanpy recipe runs on a fit's output: neighbours and UMAP on X_cicl,
+    """The scanpy recipe (docs/api.md) runs on a fit's output: neighbours and UMAP on X_cicl,
     marker genes per CICL cluster, after leaving out the cells preprocessing dropped (their
     label is missing and their X_cicl row NaN)."""
     import scanpy as sc

@@ -1,5 +1,5 @@
-"""Every bad input in the README's table: one clear line, exit 2, no traceback, no output left
-behind, nothing of the user's overwritten; and every sparse format and dtype accepted."""
+"""Every bad input in docs/reliability.md's table: one clear line, exit 2, no traceback, no
+output left behind, nothing of the user's overwritten; and every sparse format and dtype accepted."""
 
 from __future__ import annotations
 
