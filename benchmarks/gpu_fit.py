@@ -286,9 +286,9 @@ def main() -> None:
     r.add_argument("--profile", default=None, help="cProfile one fit of this dataset first")
     args = ap.parse_args()
     if args.cmd == "run":
-        from cicl.cli import _parse_set
+        from cicl.cli import parse_set
 
-        args.overrides = _parse_set(args.set)
+        args.overrides = parse_set(args.set)
     if args.cmd == "prepare":
         prepare(Path(args.data), Path(args.out))
     else:

@@ -65,11 +65,11 @@ def _job(args: tuple) -> list[dict]:
 
         cfg = preset(PRESET_OF[method]) if method in PRESET_OF else CICLConfig()
         cfg = cfg.with_overrides({**overrides, "seed": seed, "train.device": "cpu"})
-        from cicl.api import _choose_k, resolve_cap
+        from cicl.pipeline import choose_k, resolve_cap
 
         estimated = method == "cicl_est_k"
         # without --n-clusters `cicl fit` estimates K; either way it fills the K cap's count
-        k_fit = _choose_k(cfg, pcs)[0] if estimated else k
+        k_fit = choose_k(cfg, pcs)[0] if estimated else k
         cfg = resolve_cap(cfg, pcs, k_fit, estimated=estimated)
         labels = train(x, pcs, k_fit, cfg, counts=counts).labels
     else:
@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.datasets.split(","))
         paths = [p for p in paths if p.stem in keep]
     methods = args.methods.split(",")
-    from cicl.cli import _parse_set
+    from cicl.cli import parse_set
 
-    overrides = _parse_set(args.set)  # as `cicl fit --set`
+    overrides = parse_set(args.set)  # as `cicl fit --set`
     if overrides and not args.name:
         ap.error("--set needs --name: the rows must not pass for the method's own")
     sizes = {p: ad.read_h5ad(p, backed="r").n_obs for p in paths}

@@ -78,9 +78,9 @@ def main() -> None:
         "--no-per-core", action="store_true", help="skip the one-worker, one-thread run"
     )
     args = ap.parse_args()
-    from cicl.cli import _parse_set
+    from cicl.cli import parse_set
 
-    overrides = _parse_set(args.set)  # as `cicl fit --set`
+    overrides = parse_set(args.set)  # as `cicl fit --set`
 
     import ray
 

@@ -13,15 +13,13 @@ import pandas as pd
 
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.config import CICLConfig
-from cicl.data.io import check_matrix
-from cicl.data.preprocess import choose_matrix, preprocess, record_matrix
-from cicl.errors import InputError
 from cicl.objective import score_labels
+from cicl.pipeline import prepare, prepare_file
 from cicl.reference import model_record
+from cicl.train.loop import TrainResult, train
 
 if TYPE_CHECKING:
     from cicl.distributed import RayOptions
-from cicl.train.loop import TrainResult, main_k, train
 
 
 def fit(
@@ -72,23 +70,12 @@ def fit(
     if batch_key is not None:
         cfg = cfg.with_overrides({"preprocess.batch_key": batch_key})
     adata = adata.copy() if copy else adata
-    mat = choose_matrix(adata, layer)
-    check_matrix(mat.source, mat.layer)
-    if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > adata.n_obs:
-        raise InputError(
-            f"--n-clusters {cfg.cluster.n_clusters} exceeds the number of cells ({adata.n_obs}). "
-            "Use fewer clusters."
-        )
     t0 = time.perf_counter()
-    # with a batch key, keep ComBat's map: stored with the model, so ``predict`` can apply it
-    keep_map = cfg.preprocess.batch_key is not None
-    prep = preprocess(mat.source, cfg.preprocess, layer=mat.layer, keep_combat_map=keep_map)
-    record_matrix(prep.info, mat)
-    k, source = _choose_k(cfg, prep.pcs)
-    cfg = resolve_cap(cfg, prep.pcs, k, estimated=cfg.cluster.n_clusters is None)
-    source = cap_note(cfg, k, source)
-    check_recon(cfg, prep.counts is not None, prep.info["values"])
+    plan = prepare(adata, cfg, layer)
+    prep, cfg, k = plan.prep, plan.cfg, plan.k
     if workers is not None and ray_options is None:
+        from cicl.distributed import RayOptions
+
         ray_options = RayOptions(workers=workers)
     if ray_options is not None:
         from cicl.distributed import fit_ray
@@ -105,60 +92,20 @@ def fit(
     sil = score_labels("silhouette_pca", res.labels, prep.pcs)  # the sweeps' fixed sample
     model = model_record(res, prep, cfg.preprocess.max_value)
     write_result(
-        adata, res, cfg, prep.info, k, source, key_added, seconds, n_workers, prep.cell_mask, model
+        adata,
+        res,
+        cfg,
+        prep.info,
+        k,
+        plan.source,
+        key_added,
+        seconds,
+        n_workers,
+        prep.cell_mask,
+        model,
     )
     adata.uns[key_added]["silhouette_pca"] = float(sil)
     return adata if copy else None
-
-
-def check_recon(cfg: CICLConfig, has_counts: bool, values: str) -> None:
-    """``loss.recon: nb`` models raw counts: refuse it, with what to do, on other input."""
-    if cfg.loss.recon == "nb" and cfg.loss.recon_weight > 0 and not has_counts:
-        raise InputError(
-            f"loss.recon=nb reconstructs raw counts, but X holds {values} values. Give raw "
-            "counts (e.g. --layer counts) or set loss.recon to auto or gaussian."
-        )
-
-
-def _choose_k(cfg: CICLConfig, pcs: np.ndarray) -> tuple[int, str]:
-    k = cfg.cluster.n_clusters
-    if k is None:
-        from cicl.data.estimate import estimate_n_clusters
-
-        return estimate_n_clusters(pcs, seed=cfg.seed), "estimated: Leiden(resolution=1.0) on PCA"
-    return k, "given"
-
-
-CAP_MAX_CELLS = 50_000  # the cap's Leiden needs an exact kNN graph: minutes beyond this
-
-
-def resolve_cap(cfg: CICLConfig, pcs: np.ndarray, k: int, *, estimated: bool) -> CICLConfig:
-    """Fill ``cluster.n_resolved`` for ``cluster.cap_k: leiden``: the number of communities
-    scanpy's default Leiden finds on the PCA (``k`` itself when K was ``estimated``, which is
-    that count). Skipped above ``CAP_MAX_CELLS`` cells unless set by hand."""
-    c = cfg.cluster
-    if c.cap_k == "off" or c.n_resolved is not None:
-        return cfg
-    if estimated:
-        n_res = k
-    elif pcs.shape[0] > CAP_MAX_CELLS:
-        return cfg
-    else:
-        from cicl.data.estimate import estimate_n_clusters
-
-        n_res = estimate_n_clusters(pcs, seed=cfg.seed)
-    return cfg.with_overrides({"cluster.n_resolved": int(n_res)})
-
-
-def cap_note(cfg: CICLConfig, k: int, source: str) -> str:
-    """``n_clusters_source`` plus, when the cap applies, how the K clusters were formed."""
-    k_main = main_k(cfg, k)
-    if k_main >= k:
-        return source
-    return (
-        f"{source}; the data resolve {k_main} (Leiden), the other {k - k_main} are minority "
-        "sub-groups split off them (cluster.cap_k)"
-    )
 
 
 def write_result(
@@ -260,7 +207,7 @@ def fit_h5ad_stream(
     the matrix as in ``fit`` (CELLxGENE's layout, counts in raw/X, is read from them).
     Returns uns."""
     from cicl.data.io import annotate_h5ad_copy
-    from cicl.data.stream import H5adSource, fit_on_sample
+    from cicl.data.stream import H5adSource
     from cicl.distributed import StreamSetup, fit_ray_stream, model_init
     from cicl.train.stream import train_stream
 
@@ -268,17 +215,8 @@ def fit_h5ad_stream(
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
     t0 = time.perf_counter()
-    transform, prep, n, _ = fit_on_sample(
-        path, cfg.preprocess, n_sample, seed=cfg.seed, layer=layer
-    )
-    if cfg.cluster.n_clusters is not None and cfg.cluster.n_clusters > n:
-        raise InputError(f"--n-clusters {cfg.cluster.n_clusters} exceeds the {n} cells.")
-    k, source = _choose_k(cfg, prep.pcs)
-    check_recon(cfg, transform.kind == "counts", prep.info["values"])
-    if cfg.cluster.n_clusters is None:
-        source += f" of a {prep.x.shape[0]}-cell sample"
-    cfg = resolve_cap(cfg, prep.pcs, k, estimated=cfg.cluster.n_clusters is None)  # the sample
-    source = cap_note(cfg, k, source)
+    plan = prepare_file(path, cfg, layer, n_sample)
+    prep, cfg, k, n, transform = plan.prep, plan.cfg, plan.k, plan.n_cells, plan.transform
     groups, pca_init = model_init(prep.x, prep.pcs, cfg)
     mean = prep.pcs.mean(0)
     rms = float(np.sqrt(((prep.pcs - mean) ** 2).sum(1).mean()))
@@ -305,7 +243,7 @@ def fit_h5ad_stream(
     workers = ray_options.workers if ray_options is not None else 1
     seconds = time.perf_counter() - t0
     model = model_record(res, prep, cfg.preprocess.max_value)
-    write_result(holder, res, cfg, info, k, source, key_added, seconds, workers, model=model)
+    write_result(holder, res, cfg, info, k, plan.source, key_added, seconds, workers, model=model)
     annotate_h5ad_copy(
         path,
         out,

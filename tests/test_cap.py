@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-import cicl.api as api
+import cicl.pipeline as pipeline
 from cicl.comm import Comm
 from cicl.config import CICLConfig, ConfigError
 from cicl.data.estimate import estimate_n_clusters
@@ -33,26 +33,26 @@ def test_main_k_caps_only_when_on_and_resolved():
 
 def test_resolve_cap_counts_leiden_communities_for_a_given_k():
     pcs, cfg = _pcs(), CICLConfig()
-    got = api.resolve_cap(cfg, pcs, 6, estimated=False).cluster.n_resolved
+    got = pipeline.resolve_cap(cfg, pcs, 6, estimated=False).cluster.n_resolved
     assert got == estimate_n_clusters(pcs, seed=cfg.seed) and got < 6  # 3 blobs, not 6
     # an estimated K is Leiden's count already; a number set by hand or "off" is kept
-    assert api.resolve_cap(cfg, pcs, 4, estimated=True).cluster.n_resolved == 4
+    assert pipeline.resolve_cap(cfg, pcs, 4, estimated=True).cluster.n_resolved == 4
     fixed = cfg.with_overrides({"cluster.n_resolved": 9})
-    assert api.resolve_cap(fixed, pcs, 6, estimated=False).cluster.n_resolved == 9
+    assert pipeline.resolve_cap(fixed, pcs, 6, estimated=False).cluster.n_resolved == 9
     off = cfg.with_overrides({"cluster.cap_k": "off"})
-    assert api.resolve_cap(off, pcs, 6, estimated=False).cluster.n_resolved is None
+    assert pipeline.resolve_cap(off, pcs, 6, estimated=False).cluster.n_resolved is None
 
 
 def test_resolve_cap_skips_atlases_above_the_cell_limit(monkeypatch):
-    monkeypatch.setattr(api, "CAP_MAX_CELLS", 100)
-    assert api.resolve_cap(CICLConfig(), _pcs(), 6, estimated=False).cluster.n_resolved is None
+    monkeypatch.setattr(pipeline, "CAP_MAX_CELLS", 100)
+    assert pipeline.resolve_cap(CICLConfig(), _pcs(), 6, estimated=False).cluster.n_resolved is None
 
 
 def test_cap_note_says_how_the_clusters_were_formed():
     cfg = CICLConfig().with_overrides({"cluster.n_resolved": 3})
-    note = api.cap_note(cfg, 5, "given")
+    note = pipeline.cap_note(cfg, 5, "given")
     assert note.startswith("given; the data resolve 3 (Leiden), the other 2 are minority")
-    assert api.cap_note(cfg, 3, "given") == "given"
+    assert pipeline.cap_note(cfg, 3, "given") == "given"
 
 
 def test_final_kmeans_keeps_a_large_population_whole():

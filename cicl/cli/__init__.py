@@ -1,0 +1,44 @@
+"""Command line: ``cicl fit|predict|tune|simulate|runs|config``. ``main(argv) -> int``; user
+errors exit 2 with one line on stderr and no traceback. One module per command."""
+
+from __future__ import annotations
+
+import sys
+
+from cicl.cli.fit import cmd_fit
+from cicl.cli.parser import build_parser, parse_set
+from cicl.cli.predict import cmd_predict
+from cicl.cli.show import cmd_config, cmd_runs
+from cicl.cli.simulate import cmd_simulate
+from cicl.cli.tune import cmd_tune
+from cicl.config import ConfigError
+from cicl.errors import CICLError
+
+__all__ = ["build_parser", "main", "parse_set"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            return cmd_fit(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "simulate":
+            return cmd_simulate(args)
+        if args.command == "tune":
+            return cmd_tune(args)
+        if args.command == "runs":
+            return cmd_runs(args)
+        return cmd_config(args)
+    except (CICLError, ConfigError) as exc:
+        from cicl.sweep import SweepInterrupted
+
+        if isinstance(exc, SweepInterrupted):
+            print(f"interrupted: {exc}", file=sys.stderr)
+            return 130
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130

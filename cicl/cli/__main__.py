@@ -1,0 +1,7 @@
+"""``python -m cicl.cli``."""
+
+import sys
+
+from cicl.cli import main
+
+sys.exit(main())

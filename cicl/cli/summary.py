@@ -1,0 +1,109 @@
+"""What a fit prints: the ``--json`` fields and the readable summary on stderr."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def result_fields(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
+    """The summary/--json fields of a fit, from its ``uns`` entry."""
+    return {
+        "n_cells": int(n_cells),
+        "n_genes": int(n_genes),
+        "n_genes_used": int(info["preprocess"]["n_genes_used"]),
+        **(
+            {"n_batches": int(info["preprocess"]["n_batches"])}
+            if "n_batches" in info["preprocess"]
+            else {}
+        ),
+        "values": info["preprocess"]["values"],
+        "matrix": str(info["preprocess"].get("matrix", "X")),
+        "n_clusters": int(info["n_clusters"]),
+        "n_clusters_source": info["n_clusters_source"],
+        "epochs": int(info["epochs"]),
+        "steps": int(info["steps"]),
+        "workers": int(info["workers"]),
+        "device": str(info.get("device", "cpu")),
+        "threads": int(info["threads"]),  # torch threads per process (write_result records it)
+        "decoder": str(info.get("decoder", "off")),
+        **(
+            {"pca_weight": float(info["pca_weight"]), "pca_weight_source": _weight_source(info)}
+            if "pca_weight" in info
+            else {}
+        ),
+        **_metric_fields(info),
+        **({"silhouette_pca": float(info["silhouette_pca"])} if "silhouette_pca" in info else {}),
+    }
+
+
+def _metric_fields(info: dict) -> dict[str, Any]:
+    """How the final partition assigns cells (``uns[key]["metric"]``), for --json/summary."""
+    m = info.get("metric")
+    if m is None:
+        return {}
+    if m["kind"] not in ("tied", "full"):
+        return {"metric": str(m["kind"])}
+    return {
+        "metric": str(m["kind"]),
+        "metric_shrinkage": float(m["shrinkage"]),
+        "metric_iterations": int(m["iterations"]),
+    }
+
+
+def _weight_source(info: dict) -> str:
+    """Whether the hybrid space's PCA weight was the user's or the cell-count rule's."""
+    set_ = info.get("params", {}).get("cluster", {}).get("pca_weight", "none")
+    return "by cell count" if set_ in (None, "none") else "as set"
+
+
+def print_summary(obs, key: str, r: dict[str, Any]) -> None:
+    sizes = obs[key].value_counts().sort_index()
+    lines = [
+        f"CICL: {r['n_cells']} cells x {r['n_genes']} genes ({r['values']}"
+        + (f" from {r['matrix']}" if r.get("matrix", "X") != "X" else "")
+        + "; "
+        f"{r['n_genes_used']} genes used"
+        + (f"; ComBat over {r['n_batches']} batches" if r.get("n_batches", 1) > 1 else "")
+        + ")",
+        f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
+        f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
+        f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s) on "
+        f"{r['device']}"
+        + (f", {r['threads']} threads each" if r["device"] == "cpu" else "")
+        + "; "
+        + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
+        + f"total {r['seconds']:.1f} s",
+    ]
+    if "pca_weight" in r:
+        lines.append(
+            f"  clustering space: embedding + PCA block at weight {r['pca_weight']:.2f} "
+            f"({r['pca_weight_source']}; "
+            "`--set cluster.pca_weight=W` changes it)"
+        )
+    if r.get("metric") in ("tied", "full"):
+        steps = f"{r['metric_iterations']} EM step{'' if r['metric_iterations'] == 1 else 's'}"
+        lines.append(
+            "  final partition: K-means, refined as a shared-covariance Gaussian mixture "
+            + (
+                f"(shrinkage {r['metric_shrinkage']:.2f}), then with a covariance per cluster "
+                f"({steps}"
+                if r["metric"] == "full"
+                else f"(shrinkage {r['metric_shrinkage']:.2f}, {steps}"
+            )
+            + "; `--set cluster.metric=euclidean` keeps K-means')"
+        )
+    if "silhouette_pca" in r:
+        lines.append(
+            f"  label-free: silhouette {r['silhouette_pca']:.3f} in PCA space "
+            "(the sweeps' objective; higher = better separated)"
+        )
+    if "ari" in r:
+        lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
+    lines.append(f"  wrote {r['output']}: obs['{key}'], obsm['X_{key}'], uns['{key}']")
+    if "plot" in r:
+        lines.append(f"  figure: {r['plot']}")
+    if "mlflow_run" in r:
+        m = r["mlflow_run"]
+        lines.append(f"  MLflow: run {m['run_id']} in experiment '{m['experiment']}' ({m['uri']})")
+    print("\n".join(lines), file=sys.stderr)
