@@ -11,4 +11,9 @@ class InputError(CICLError):
     """The input data cannot be used as given."""
 
 
-__all__ = ["CICLError", "ConfigError", "InputError"]
+class InputWarning(UserWarning):
+    """Something about the input the user should look at; the CLI prints it as one
+    ``warning: ...`` line."""
+
+
+__all__ = ["CICLError", "ConfigError", "InputError", "InputWarning"]

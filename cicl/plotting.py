@@ -10,6 +10,7 @@ import numpy as np
 
 from cicl._keys import embedding_key
 from cicl.data.estimate import knn_graph
+from cicl.data.io import atomic_path
 
 
 def plot_fit(
@@ -55,6 +56,7 @@ def plot_fit(
         ax.set_title("training, per reclustering round")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower())
     plt.close(fig)
     return path

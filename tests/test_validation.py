@@ -172,7 +172,7 @@ def test_unwritable_or_missing_output_folder(tmp_path, capsys, syn, monkeypatch)
     import os
 
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, m: False if m == os.W_OK else real(p, m))
+    monkeypatch.setattr(os, "access", lambda p, m: False if m & os.W_OK else real(p, m))
     _bad(tmp_path, capsys, syn, "not writable")
 
 

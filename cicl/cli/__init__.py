@@ -4,6 +4,7 @@ errors exit 2 with one line on stderr and no traceback. One module per command."
 from __future__ import annotations
 
 import sys
+import warnings
 
 from cicl.cli.fit import cmd_fit
 from cicl.cli.parser import build_parser, parse_set
@@ -12,13 +13,31 @@ from cicl.cli.show import cmd_config, cmd_runs
 from cicl.cli.simulate import cmd_simulate
 from cicl.cli.tune import cmd_tune
 from cicl.config import ConfigError
-from cicl.errors import CICLError
+from cicl.errors import CICLError, InputWarning
 
 __all__ = ["build_parser", "main", "parse_set"]
 
 
+def _print_input_warning(message, category, filename, lineno, file=None, line=None):
+    """cicl's own warnings about the input as one ``warning: ...`` line; others as Python's."""
+    if issubclass(category, InputWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_input_warning
+        warnings.simplefilter("always", InputWarning)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command == "fit":
             return cmd_fit(args)

@@ -9,7 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
-from cicl.cli.parser import STREAM_MIN_CELLS, parse_set, positive_int
+from cicl.cli.parser import STREAM_MIN_CELLS, check_key_added, parse_set, positive_int
 from cicl.cli.summary import print_summary, result_fields
 from cicl.config import load_config
 from cicl.errors import CICLError
@@ -62,7 +62,7 @@ def ray_options_from(args: argparse.Namespace):
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from cicl.api import fit
-    from cicl.data.io import check_output, read_input, write_h5ad_atomic
+    from cicl.data.io import check_output, figure_formats, read_input, write_h5ad_atomic
     from cicl.objective import truth_scores as score
 
     overrides = parse_set(args.set)
@@ -75,9 +75,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     k = positive_int("--n-clusters", args.n_clusters)
     ray_opts = ray_options_from(args)
+    check_key_added(
+        args.key_added, ("--label-key", args.label_key), ("--batch-key", cfg.preprocess.batch_key)
+    )
     out = check_output(args.input, args.out, args.force)
-    if args.plot and not Path(args.plot).resolve().parent.is_dir():
-        raise CICLError(f"Folder for --plot '{args.plot}' does not exist. Create it first.")
+    if args.plot:
+        check_output(
+            (args.input, out), args.plot, args.force, suffixes=figure_formats(), flag="--plot"
+        )
     track = None
     if args.mlflow or args.mlflow_uri:
         from cicl.tracking import resolve_mlflow_uri
@@ -104,13 +109,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = result_fields(adata.uns[args.key_added], adata.n_obs, adata.n_vars)
     if args.label_key is not None:
         result.update(score(adata.obs[args.key_added].to_numpy(), adata.obs[args.label_key]))
-    write_h5ad_atomic(adata, out)
-    if args.plot:
+    if args.plot:  # before the output: a figure that fails leaves nothing behind
         from cicl.plotting import plot_fit
 
         result["plot"] = str(
             plot_fit(adata, args.plot, key=args.key_added, label_key=args.label_key)
         )
+    write_h5ad_atomic(adata, out)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out)
     if track is not None:
@@ -180,9 +185,9 @@ def fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None =
 
     if args.plot:
         raise CICLError("--plot is not supported with --stream (an atlas UMAP is too slow).")
-    obs = open_on_disk(args.input, ("obs",)).obs
-    if args.label_key is not None and args.label_key not in obs:
-        raise CICLError(f"--label-key '{args.label_key}' is not an obs column.")
+    annotations = open_on_disk(args.input, ("obs",))
+    check_label_key(annotations, args.label_key)
+    obs = annotations.obs
     info = fit_h5ad_stream(
         args.input,
         out,

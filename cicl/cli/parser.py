@@ -32,8 +32,32 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'.")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {item}: the value is not valid YAML (quote a string, e.g. "
+                f"{k.strip()}='\"{v}\"')."
+            ) from None
     return out
+
+
+def check_key_added(key: str, *others: tuple[str, str | None]) -> str:
+    """``--key-added`` names obs/obsm/uns entries: not empty, no '/' (h5ad groups), and not a
+    column the run reads (``others``: (flag, value) pairs such as ``--label-key``), which the
+    result would replace."""
+    if not key or "/" in key or key != key.strip():
+        raise CICLError(
+            f"--key-added '{key}' is not a usable name: give a non-empty name without '/' or "
+            "surrounding spaces."
+        )
+    for flag, value in others:
+        if value is not None and value == key:
+            raise CICLError(
+                f"--key-added '{key}' is also {flag}: the result would replace that column. "
+                "Choose another --key-added."
+            )
+    return key
 
 
 def positive_int(name: str, value: str | None) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cicl.cli.fit import check_label_key, open_on_disk, wants_stream
-from cicl.errors import CICLError
+from cicl.cli.parser import check_key_added
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -22,16 +22,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cicl.objective import truth_scores as score
     from cicl.reference import ATYPICAL_PCT, load_reference, predict
 
-    out = check_output(args.input, args.out, args.force)
     ref_path = Path(args.reference)
-    if ref_path.exists() and out.exists() and out.resolve() == ref_path.resolve():
-        raise CICLError("The output path is the reference file. Choose another --out path.")
+    key = args.key_added or args.key
+    for name in (key, f"{key}_confidence", f"{key}_dist_pct"):  # the columns predict writes
+        check_key_added(name, ("--label-key", args.label_key), ("--batch-key", args.batch_key))
+    out = check_output((args.input, ref_path), args.out, args.force)
     t0 = time.perf_counter()
     ref = load_reference(ref_path, args.key)  # checked before the (maybe large) input is read
     stream = wants_stream(args)
     adata = open_on_disk(args.input) if stream else read_input(args.input)
     check_label_key(adata, args.label_key)
-    key = args.key_added or args.key
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         predict(

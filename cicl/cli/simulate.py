@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cicl.cli.parser import positive_int
+from cicl.cli.parser import int_at_least, positive_int
 from cicl.errors import CICLError
 
 
@@ -16,6 +16,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from cicl.data.simulate import simulate
 
     n = positive_int("--cells", args.cells)
+    int_at_least("--genes", str(args.genes), 2)
     if not Path(args.like).is_file():
         raise CICLError(f"--like '{args.like}' does not exist.")
     out = check_output(args.like, args.out, args.force)

@@ -4,15 +4,18 @@ half-written file or overwriting the user's data."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from cicl.errors import InputError
+from cicl.errors import InputError, InputWarning
 
 READERS = {
     ".h5ad": "h5ad",
@@ -63,7 +66,30 @@ def read_input(path: str | Path) -> ad.AnnData:
             f"Could not read '{p}' as {kind}: {type(exc).__name__}: {exc}. "
             "Check that the file is complete and in the format its extension says."
         ) from None
+    if kind in ("csv", "tsv") and _looks_transposed(adata):
+        warnings.warn(
+            f"'{p}' looks like genes x cells (its row names look like genes or its column names "
+            f"like cells): cicl reads rows as cells, so these are {adata.n_obs} 'cells' of "
+            f"{adata.n_vars} 'genes'. Transpose the file if rows are genes.",
+            InputWarning,
+            stacklevel=2,
+        )
     return adata
+
+
+_GENE_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")  # Ensembl gene ids (human, mouse, ...)
+_CELL_NAME = re.compile(r"^([ACGTN]{8,}([-_.]\w+)?|[SED]RR\d+|.*cell.*)$", re.IGNORECASE)
+
+
+def _looks_transposed(adata: ad.AnnData) -> bool:
+    """Most row names are Ensembl gene ids, or most column names are barcodes, run accessions
+    or contain "cell": a text table written genes x cells."""
+
+    def share(names, pattern: re.Pattern) -> float:
+        names = list(map(str, names[:1000]))
+        return sum(bool(pattern.match(n)) for n in names) / max(len(names), 1)
+
+    return share(adata.obs_names, _GENE_ID) > 0.5 or share(adata.var_names, _CELL_NAME) > 0.5
 
 
 def read_annotations(path: str | Path, parts: tuple[str, ...] = ("obs", "var")) -> ad.AnnData:
@@ -126,35 +152,83 @@ def check_finite(X) -> None:
         )
 
 
-def write_h5ad_atomic(adata: ad.AnnData, out: str | Path) -> None:
-    """Write to a temporary file in the target folder, then rename: readers never see a
-    truncated file, and an interrupted run leaves the old file (if any) intact."""
+TMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")  # what the temporary name adds to a name
+
+
+def new_file_mode(path: Path) -> int:
+    """The mode a written file gets: an existing file keeps its own (``--force``), a new one
+    gets what the umask allows, as any Unix tool's output (a temporary file is made 0600)."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_path(out: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``out`` to write to; renamed to ``out`` (with ``new_file_mode``)
+    when the block ends without error, removed otherwise: readers never see a truncated file,
+    and a failed run leaves the old file (if any) as it was."""
     out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        adata.write_h5ad(tmp, compression="gzip")
+        yield Path(tmp)
+        os.chmod(tmp, new_file_mode(out))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def check_output(inp: str | Path, out: str | Path, force: bool) -> Path:
-    """Refuse to overwrite the input, or an existing file without ``force``; check the folder."""
+def write_h5ad_atomic(adata: ad.AnnData, out: str | Path) -> None:
+    """``adata`` written to ``out`` through ``atomic_path``."""
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
+
+
+def check_output(
+    inputs: str | Path | tuple[str | Path, ...],
+    out: str | Path,
+    force: bool,
+    *,
+    suffixes: tuple[str, ...] = (".h5ad",),
+    flag: str = "--out",
+) -> Path:
+    """Everything about an output path that can be checked before any work: its suffix, not a
+    folder, not one of the ``inputs``, not an existing file without ``force``, a writable folder,
+    a name short enough for its temporary name."""
     o = Path(out)
-    if o.suffix.lower() != ".h5ad":
-        raise InputError(f"Output '{o}' must end in .h5ad.")
-    if Path(inp).exists() and o.exists() and o.resolve() == Path(inp).resolve():
-        raise InputError("The output path is the input file. Choose another --out path.")
+    if o.is_dir():
+        raise InputError(f"{flag} '{o}' is a folder. Name a file in it, e.g. '{o / 'out'}'.")
+    if o.suffix.lower() not in suffixes:
+        raise InputError(f"{flag} '{o}' must end in {', '.join(suffixes)}.")
+    for inp in (inputs,) if isinstance(inputs, (str, Path)) else inputs:
+        if o.exists() and Path(inp).exists() and o.resolve() == Path(inp).resolve():
+            raise InputError(f"{flag} '{o}' is the input file '{inp}'. Choose another {flag} path.")
     if o.exists() and not force:
-        raise InputError(f"Output '{o}' already exists. Pass --force to overwrite it.")
+        raise InputError(f"{flag} '{o}' already exists. Pass --force to overwrite it.")
     parent = o.parent if str(o.parent) else Path(".")
     if not parent.is_dir():
-        raise InputError(f"Output folder '{parent}' does not exist. Create it first.")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"Output folder '{parent}' is not writable.")
+        raise InputError(f"Folder '{parent}' for {flag} does not exist. Create it first.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"Folder '{parent}' for {flag} is not writable.")
+    name_max = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(o.name.encode()) + TMP_NAME_EXTRA > name_max:
+        raise InputError(
+            f"{flag} file name is too long ({len(o.name.encode())} bytes; at most "
+            f"{name_max - TMP_NAME_EXTRA} here). Choose a shorter name."
+        )
     return o
+
+
+def figure_formats() -> tuple[str, ...]:
+    """The suffixes matplotlib can write (``.png``, ``.pdf``, ``.svg``, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return tuple(f".{k}" for k in FigureCanvasAgg(Figure()).get_supported_filetypes())
 
 
 def annotate_h5ad_copy(
@@ -172,10 +246,7 @@ def annotate_h5ad_copy(
 
     import h5py
 
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "a") as f:
             frame = ad.io.read_elem(f["obs"]).drop(columns=list(drop_obs), errors="ignore")
@@ -190,7 +261,3 @@ def annotate_h5ad_copy(
                     if k in f[group]:
                         del f[group][k]
                     ad.io.write_elem(f[group], k, v)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

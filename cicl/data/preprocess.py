@@ -78,6 +78,7 @@ class Matrix:
     layer: str | None
     name: str
     note: str | None = None  # why, when chosen automatically over X
+    warning: str | None = None  # a matrix "auto" passed over that the user may have meant
 
     @property
     def X(self):
@@ -114,12 +115,33 @@ def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
         return Matrix(adata, None, "X")
     held = "X is empty" if kind is None else f"X holds {kind} values"
     why = f"{held}, the raw counts are in "
-    for name in count_layer_candidates(adata.layers):
+    candidates = count_layer_candidates(adata.layers)
+    for name in candidates:
         if holds_counts(adata.layers[name]):
             return Matrix(adata, name, f"layers['{name}']", why + f"layers['{name}']")
     if adata.raw is not None and holds_counts(adata.raw.X):
         return Matrix(_raw(adata), None, "raw.X", why + "raw.X")
-    return Matrix(adata, None, "X")
+    passed = None
+    if candidates:  # named like counts, but not counts: say so rather than fall back silently
+        name = candidates[0]
+        passed = (
+            f"layers['{name}'] is named like raw counts but does not hold them "
+            f"({_not_counts(adata.layers[name])}): X was read instead. Fix the layer, or pass "
+            "--layer X to silence this"
+        )
+    return Matrix(adata, None, "X", warning=passed)
+
+
+def _not_counts(X) -> str:
+    """Why a matrix is not raw counts, in a few words."""
+    v = _values(X)
+    if v.size == 0:
+        return "it is empty"
+    if not np.all(np.isfinite(v)):
+        return "it has NaN or infinite values"
+    if (v < 0).any():
+        return "it has negative values"
+    return f"it holds {detect_values(X)} values"
 
 
 def _raw(adata: ad.AnnData) -> ad.AnnData:
@@ -131,6 +153,8 @@ def _raw(adata: ad.AnnData) -> ad.AnnData:
 def record_matrix(info: dict, mat: Matrix) -> None:
     """Note in ``uns["cicl"]["preprocess"]`` which matrix was read, and why when not X."""
     info["matrix"] = mat.name
+    if mat.warning is not None:
+        info.setdefault("warnings", []).append(mat.warning)
     if mat.note is not None:
         info["steps"].insert(0, f"{mat.note}: read those (--layer X keeps X)")
 
@@ -172,9 +196,14 @@ def preprocess(
     cell_mask = n_expr >= max(1, cfg.min_genes)
     if not cell_mask.any():
         raise InputError(
-            "No cell has any expressed gene"
-            + (f" (min_genes={cfg.min_genes})" if cfg.min_genes else "")
-            + ": X is all zeros. Check that the expression matrix is the one you meant."
+            (
+                f"No cell expresses at least preprocess.min_genes={cfg.min_genes} genes (the "
+                f"most any cell expresses is {int(n_expr.max()) if n_expr.size else 0}). Lower "
+                "preprocess.min_genes."
+            )
+            if cfg.min_genes > 1 and n_expr.size and n_expr.max() > 0
+            else "No cell has any expressed gene: X is all zeros. Check that the expression "
+            "matrix is the one you meant."
         )
     if not cell_mask.all():
         n_drop = int((~cell_mask).sum())

@@ -11,7 +11,6 @@ the true cluster, and rows come out in random order (contiguous row ranges are f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cicl.data.io import atomic_path
 from cicl.data.preprocess import detect_values
 from cicl.errors import InputError
 
@@ -124,7 +124,6 @@ def simulate(
     src = ad.read_h5ad(like)
     model = fit_nb(src, label_key, n_genes)
     rng = np.random.default_rng(seed)
-    tmp = out.with_name(f".{out.name}.tmp")
     codes: list[np.ndarray] = []
     bar = None
     if progress:
@@ -132,37 +131,36 @@ def simulate(
 
         bar = tqdm(total=n_cells, desc="simulating", unit="cell")
     try:
-        done = 0
-        while done < n_cells:
-            m = min(chunk, n_cells - done)
-            X, y = sample_cells(model, m, rng)
-            codes.append(y)
-            if done == 0:
-                first = ad.AnnData(X=X, var=pd.DataFrame(index=model.genes))
-                first.write_h5ad(tmp)
-            else:
-                with h5py.File(tmp, "a") as f:
-                    ad.io.sparse_dataset(f["X"]).append(X)
-            done += m
-            if bar is not None:
-                bar.update(m)
-        y = np.concatenate(codes)
-        obs = pd.DataFrame(
-            {"cell_type": pd.Categorical.from_codes(y, categories=list(model.types))},
-            index=[f"sim{i}" for i in range(n_cells)],
-        )
-        with h5py.File(tmp, "a") as f:
-            del f["obs"]
-            ad.io.write_elem(f, "obs", obs)
-            f["uns"].attrs["encoding-type"] = "dict"
-            ad.io.write_elem(
-                f["uns"],
-                "simulate",
-                {"like": str(like), "seed": seed, "model": "per-cluster negative binomial"},
+        with atomic_path(out) as tmp:
+            done = 0
+            while done < n_cells:
+                m = min(chunk, n_cells - done)
+                X, y = sample_cells(model, m, rng)
+                codes.append(y)
+                if done == 0:
+                    first = ad.AnnData(X=X, var=pd.DataFrame(index=model.genes))
+                    first.write_h5ad(tmp)
+                else:
+                    with h5py.File(tmp, "a") as f:
+                        ad.io.sparse_dataset(f["X"]).append(X)
+                done += m
+                if bar is not None:
+                    bar.update(m)
+            y = np.concatenate(codes)
+            obs = pd.DataFrame(
+                {"cell_type": pd.Categorical.from_codes(y, categories=list(model.types))},
+                index=[f"sim{i}" for i in range(n_cells)],
             )
-        os.replace(tmp, out)
+            with h5py.File(tmp, "a") as f:
+                del f["obs"]
+                ad.io.write_elem(f, "obs", obs)
+                f["uns"].attrs["encoding-type"] = "dict"
+                ad.io.write_elem(
+                    f["uns"],
+                    "simulate",
+                    {"like": str(like), "seed": seed, "model": "per-cluster negative binomial"},
+                )
     finally:
         if bar is not None:
             bar.close()
-        tmp.unlink(missing_ok=True)
     return out
