@@ -14,7 +14,7 @@ import pandas as pd
 from cicl._keys import DEFAULT_KEY, embedding_key
 from cicl.config import CICLConfig
 from cicl.objective import score_labels
-from cicl.pipeline import prepare, prepare_file
+from cicl.pipeline import check_device, prepare, prepare_file
 from cicl.reference import model_record
 from cicl.train.loop import TrainResult, train
 
@@ -69,14 +69,16 @@ def fit(
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
     if batch_key is not None:
         cfg = cfg.with_overrides({"preprocess.batch_key": batch_key})
-    adata = adata.copy() if copy else adata
-    t0 = time.perf_counter()
-    plan = prepare(adata, cfg, layer)
-    prep, cfg, k = plan.prep, plan.cfg, plan.k
     if workers is not None and ray_options is None:
         from cicl.distributed import RayOptions
 
         ray_options = RayOptions(workers=workers)
+    if ray_options is None:
+        check_device(cfg)
+    adata = adata.copy() if copy else adata
+    t0 = time.perf_counter()
+    plan = prepare(adata, cfg, layer)
+    prep, cfg, k = plan.prep, plan.cfg, plan.k
     if ray_options is not None:
         from cicl.distributed import fit_ray
 
@@ -215,6 +217,8 @@ def fit_h5ad_stream(
     if n_clusters is not None:
         cfg = cfg.with_overrides({"cluster.n_clusters": int(n_clusters)})
     t0 = time.perf_counter()
+    if ray_options is None:
+        check_device(cfg)
     plan = prepare_file(path, cfg, layer, n_sample)
     prep, cfg, k, n, transform = plan.prep, plan.cfg, plan.k, plan.n_cells, plan.transform
     groups, pca_init = model_init(prep.x, prep.pcs, cfg)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 
-from cicl.config import CICLConfig
+from cicl.config import CICLConfig, ConfigError
 from cicl.data.io import check_matrix
 from cicl.data.preprocess import Prepared, choose_matrix, preprocess, record_matrix
 from cicl.errors import InputError
@@ -78,6 +78,33 @@ def _plan(cfg: CICLConfig, prep: Prepared, n_cells: int, has_counts: bool, cells
     k, source = choose_k(cfg, prep.pcs)
     cfg = resolve_cap(cfg, prep.pcs, k, estimated=given is None)
     return Plan(cfg, prep, k, cap_note(cfg, k, source), n_cells)
+
+
+def check_device(cfg: CICLConfig) -> None:
+    """``train.device`` names a device this process has (checked before any work; Ray workers
+    check their own: a driver without a GPU may run workers with one)."""
+    import torch
+
+    name = cfg.train.device
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"train.device={name} is not a device name. Use auto, cpu, cuda or cuda:N."
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(
+                f"train.device={name}, but this machine has {count} CUDA GPU(s) visible to "
+                "torch. Use train.device=auto (a GPU when there is one) or cpu."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}, but MPS is not available here. Use auto or cpu.")
+    elif device.type not in ("cuda", "mps"):
+        raise ConfigError(f"train.device={name} is not supported. Use auto, cpu, cuda or cuda:N.")
 
 
 def check_recon(cfg: CICLConfig, has_counts: bool, values: str) -> None:

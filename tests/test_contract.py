@@ -170,3 +170,43 @@ def test_min_genes_above_every_cell_says_so(tmp_path, inp, capsys):
 def test_malformed_set_value_is_one_error(tmp_path, inp, capsys):
     out = tmp_path / "out.h5ad"
     _refused(capsys, ["fit", str(inp), "-o", str(out), "--set", "train.lr=[1,"], "not valid YAML")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_this_machine_lacks_is_refused_before_work(tmp_path, inp, capsys):
+    """train.device=cuda on a machine without a GPU was a traceback from inside training."""
+    out = tmp_path / "out.h5ad"
+    _refused(capsys, ["fit", str(inp), "-o", str(out), "--set", "train.device=cuda"], "GPU")
+    _refused(capsys, ["fit", str(inp), "-o", str(out), "--set", "train.device=tpu"], "device")
+    assert not out.exists()
+
+
+def _corrupt(path, how: str) -> None:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        if how == "indices out of range":
+            f["X/indices"][:5] = 10_000
+        elif how == "pointers decreasing":
+            f["X/indptr"][3] = 10**6
+        else:  # text where numbers belong
+            data = f["X/data"][:]
+            del f["X/data"]
+            f["X/data"] = data.astype("S8")
+
+
+@pytest.mark.parametrize("how", ["indices out of range", "pointers decreasing", "text values"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_structurally_broken_h5ad_is_one_error(tmp_path, inp, capsys, how, stream):
+    """scipy trusts a CSR's index arrays: out-of-range indices could crash the process."""
+    _corrupt(inp, how)
+    out = tmp_path / "out.h5ad"
+    argv = ["fit", str(inp), "-o", str(out), "-k", "3", *FAST, *(["--stream"] if stream else [])]
+    _refused(capsys, argv, "'" if how == "text values" else "corrupt")
+    assert not out.exists()
+
+
+def test_truncated_h5ad_is_one_error(tmp_path, inp, capsys):
+    data = inp.read_bytes()
+    inp.write_bytes(data[: len(data) // 2])
+    _refused(capsys, ["fit", str(inp), "-o", str(tmp_path / "out.h5ad")], "Could not read")

@@ -113,6 +113,7 @@ def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 1
     if adata.isbacked:  # on disk: the dtype here, the values block by block (check_finite)
         _check_numeric(X.dtype)
     else:
+        check_sparse_structure(X)
         check_finite(X)
     if adata.n_obs < min_cells:
         raise InputError(f"Only {adata.n_obs} cells: clustering needs at least {min_cells}.")
@@ -135,6 +136,20 @@ def check_axes(adata: ad.AnnData) -> None:
                 f"{len(dup)} duplicate {axis} names (e.g. '{dup[0]}'). Make them unique first, "
                 f"e.g. adata.{fix}() in Python, then save and rerun."
             )
+
+
+def check_sparse_structure(X) -> None:
+    """A sparse matrix whose index arrays are broken (column indices out of range, pointers not
+    increasing, lengths that disagree): refused here, since scipy's kernels trust them and a
+    broken file would crash the process, not raise."""
+    if not sp.issparse(X) or X.format not in ("csr", "csc"):
+        return
+    try:
+        X.check_format(full_check=True)
+    except (ValueError, IndexError) as exc:
+        raise InputError(
+            f"The expression matrix is corrupt ({exc}). Rewrite the file from its source."
+        ) from None
 
 
 def _check_numeric(dtype) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
-from cicl.data.io import read_annotations
+from cicl.data.io import check_sparse_structure, read_annotations
 from cicl.data.preprocess import (
     Matrix,
     Prepared,
@@ -94,16 +94,27 @@ class BlockTransform:
 
 def _read_rows(f: h5py.File, rows: np.ndarray, matrix: str = "X"):
     """Rows (sorted) of the file's ``matrix`` (X, a layer, raw/X), as CSR; contiguous runs read
-    as slices."""
-    X = f[matrix]
+    as slices. A matrix that cannot be read as numbers, or whose sparse structure is broken,
+    is an ``InputError`` (checked on every block: an atlas is never read whole up front)."""
+    try:
+        block = _read_block(f[matrix], rows)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        raise InputError(
+            f"Cannot read rows of '{matrix}' from '{f.filename}' ({type(exc).__name__}: {exc}). "
+            "Check that the file is complete and its matrix numeric."
+        ) from None
+    check_sparse_structure(block)
+    return block
+
+
+def _read_block(X, rows: np.ndarray):
+    contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)
     if isinstance(X, h5py.Dataset):  # dense X
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        if contiguous:
             return sp.csr_matrix(X[int(rows[0]) : int(rows[-1]) + 1])
         return sp.csr_matrix(X[rows])
     ds = ad.io.sparse_dataset(X)
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return ds[int(rows[0]) : int(rows[-1]) + 1]
-    return ds[rows]
+    return ds[int(rows[0]) : int(rows[-1]) + 1] if contiguous else ds[rows]
 
 
 @dataclass(frozen=True)
