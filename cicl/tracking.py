@@ -1,5 +1,6 @@
 """MLflow tracking shared by sweeps and single fits: the store, runs, params/metrics, the
-comparison table, and the check that a tracking URI is one MLflow 3.17 will take.
+comparison table, and the check that a tracking URI is one MLflow 3.17 will take (and that
+its server answers, or its SQLite file is an MLflow store).
 
 Runs are written with ``MlflowClient`` and explicit run ids (no global active run), so trials
 running side by side in one process never log into each other's runs.
@@ -39,6 +40,8 @@ def mlflow_client(uri: str):
 
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        fail_fast_http()
     if not uri.startswith("sqlite:///") or uri in _STORES_READY:
         return MlflowClient(tracking_uri=uri)
     try:
@@ -57,6 +60,126 @@ def mlflow_client(uri: str):
         os.close(fd)  # releases the lock
     _STORES_READY.add(uri)
     return client
+
+
+# MLflow's own defaults retry a request 7 times with growing waits and wait 120 s for each
+# answer: minutes before a server that went away is reported. A user's own values are kept.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+HEALTH_TIMEOUT_S = 5.0  # how long the check before any work waits for a tracking server
+
+
+def fail_fast_http() -> None:
+    """Make this process' MLflow HTTP calls give up soon when a server goes away: 4 tries of
+    at most 20 s each, not 8 of 120 s (each variable only where the user has not set it)."""
+    import os
+
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def http_status(url: str, timeout: float) -> int:
+    """The HTTP status a GET of ``url`` answers with; ``OSError`` if nothing answers. The
+    certificate is not checked: nothing is sent, and MLflow checks it itself."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason)) from None
+    except (http.client.HTTPException, ValueError) as exc:  # not HTTP, not a URL
+        raise OSError(str(exc) or type(exc).__name__) from None
+
+
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """Raise ``CICLError`` unless an MLflow server answers at ``uri`` within ``timeout``
+    seconds each for at most two GETs: its ``/health``, and if that is not found, its
+    experiment search (a gateway may route the API only). Any other answer counts, an error
+    status too (a login, a proxy, an overloaded server): MLflow's own message says more."""
+    import contextlib
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]  # credentials: not needed, never shown
+    base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    try:
+        if http_status(f"{base}/health", timeout) != 404:
+            return
+        api = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+        if http_status(api, timeout) != 404:
+            return
+    except OSError as exc:  # refused, no such host, timed out
+        host, port = parts.hostname or "127.0.0.1", 443 if parts.scheme == "https" else 80
+        with contextlib.suppress(ValueError):  # a port that is not a number
+            port = parts.port or port
+        raise CICLError(
+            f"The MLflow server at {base} does not answer ({exc or type(exc).__name__}). "
+            f"Start it, e.g. `mlflow server --backend-store-uri sqlite:////abs/path/mlflow.db "
+            f"--host {host} --port {port}`, or leave out --mlflow-uri to use the local SQLite "
+            "store."
+        ) from None
+    raise CICLError(
+        f"{base} answers but is not an MLflow tracking server (HTTP 404 on /health and on "
+        "/api/2.0/mlflow/experiments/search). Check the host, port and path of --mlflow-uri."
+    )
+
+
+MLFLOW_TABLES = {"experiments", "runs"}  # in every MLflow database
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Raise ``CICLError`` if ``db`` exists but is not an MLflow store.
+
+    MLflow would add its tables to any SQLite file it is given, and fail with a traceback on
+    a file that is not a database. A file that is absent, empty or has no tables yet is a new
+    store. Read-only: the file is never changed here."""
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=2)
+        try:
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # locked by a writer, or unreadable: MLflow decides
+        return
+    except sqlite3.DatabaseError as exc:  # "file is not a database"
+        raise CICLError(
+            f"--mlflow-uri points at '{db}', which is not a SQLite database ({exc}). "
+            "Name an MLflow store or a new file."
+        ) from None
+    if tables - {"alembic_version"} and not MLFLOW_TABLES <= tables:
+        raise CICLError(
+            f"--mlflow-uri points at '{db}', a SQLite database that is not an MLflow store "
+            f"(tables: {', '.join(sorted(tables)[:5])}{', ...' if len(tables) > 5 else ''}). "
+            "Name an MLflow store or a new file; this one is left unchanged."
+        )
+
+
+def check_tracking(uri: str) -> None:
+    """Check before any work that ``uri`` can be used: a server answers, a SQLite file is an
+    MLflow store or new. Other databases are left to MLflow."""
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
@@ -181,6 +304,9 @@ def short_param(value: Any) -> Any:
 
 
 def mlflow_ui_command(uri: str) -> str:
+    """How to see the runs: a tracking server shows them itself, a store needs an MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return uri
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
@@ -189,8 +315,9 @@ def resolve_mlflow_uri(uri: str | None, root: Path, must_exist: bool = False) ->
 
     MLflow 3.17 refuses the file store, and a relative SQLite path would point somewhere else
     in every Ray worker (they run in their own folders), so a relative ``sqlite:///`` path is
-    made absolute against the current folder. Checked before any work starts, so a bad URI
-    costs nothing and leaves nothing behind."""
+    made absolute against the current folder. Checked before any work starts (a server
+    must answer, an existing SQLite file must be an MLflow store), so a bad URI costs
+    nothing, leaves nothing behind and fails within seconds."""
     if uri is None:
         uri = default_mlflow_uri(root)
     elif "://" not in uri or uri.startswith("file:"):
@@ -199,7 +326,8 @@ def resolve_mlflow_uri(uri: str | None, root: Path, must_exist: bool = False) ->
             "store (sqlite:////absolute/path/mlflow.db) or a tracking server (http://host:5000)."
         )
     if not uri.startswith("sqlite:"):
-        return uri  # a tracking server or another database: MLflow checks it
+        check_tracking(uri)  # a tracking server answers; another database: MLflow checks it
+        return uri
     path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
     if path in ("", ":memory:"):
         raise CICLError(
@@ -217,6 +345,7 @@ def resolve_mlflow_uri(uri: str | None, root: Path, must_exist: bool = False) ->
         raise CICLError(
             f"Folder '{db.parent}' for the MLflow store does not exist. Create it first."
         )
+    check_sqlite_store(db)
     return f"sqlite:///{db}"
 
 

@@ -96,7 +96,6 @@ def test_relative_sqlite_path_becomes_absolute(tmp_path, monkeypatch):
     """Ray workers run in their own folders: a relative store path must not follow them."""
     monkeypatch.chdir(tmp_path)
     assert resolve_mlflow_uri("sqlite:///m.db", Path("unused")) == f"sqlite:///{tmp_path}/m.db"
-    assert resolve_mlflow_uri("http://127.0.0.1:5000", Path("x")) == "http://127.0.0.1:5000"
     default = resolve_mlflow_uri(None, tmp_path / "runs")  # created when first used
     assert default == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     with pytest.raises(CICLError, match="No MLflow store"):
