@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +37,7 @@ class PreprocessConfig:
     batch_key: str | None = None
 
     def __post_init__(self) -> None:
-        _check(
-            self.n_top_genes is None or self.n_top_genes >= 2, "preprocess.n_top_genes must be >= 2"
-        )
-        _check(self.n_pcs >= 2, "preprocess.n_pcs must be >= 2")
+        _check_section(self, "preprocess")
 
 
 @dataclass(frozen=True)
@@ -75,13 +73,8 @@ class ModelConfig:
     proj_dim: int = 64
 
     def __post_init__(self) -> None:
+        _check_section(self, "model")
         _check(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
-        _check(
-            self.mlp_hidden >= 1 and self.mlp_bottleneck >= 1 and self.embed_dim >= 1,
-            "model.mlp_hidden, model.mlp_bottleneck and model.embed_dim must be >= 1",
-        )
-        _check(self.n_tokens >= 2, "model.n_tokens must be >= 2 (attention needs several tokens)")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -97,11 +90,7 @@ class AugmentConfig:
     resample: Literal["step", "static"] = "step"
 
     def __post_init__(self) -> None:
-        for name in ("noise_frac", "mask_frac", "neighbor_prob", "neighbor_mix"):
-            v = getattr(self, name)
-            _check(0.0 <= v <= 1.0, f"augment.{name} must be in [0, 1], got {v}")
-        _check(self.noise_std >= 0, "augment.noise_std must be >= 0")
-        _check(self.n_neighbors >= 1, "augment.n_neighbors must be >= 1")
+        _check_section(self, "augment")
 
 
 @dataclass(frozen=True)
@@ -127,18 +116,13 @@ class LossConfig:
     warmup_frac: float = 0.3  # fraction of training before the cluster-aware term starts
 
     def __post_init__(self) -> None:
-        _check(self.temperature > 0, "loss.temperature must be > 0")
-        _check(self.lam >= 0, "loss.lam must be >= 0")
-        _check(self.recon_weight >= 0, "loss.recon_weight must be >= 0")
-        _check(self.instance_weight >= 0, "loss.instance_weight must be >= 0")
+        _check_section(self, "loss")
         _check(
             (self.recon != "off" and self.recon_weight > 0)
             or self.instance_weight > 0
             or self.lam > 0,
             "the loss has no term: give loss.recon_weight, loss.instance_weight or loss.lam > 0",
         )
-        _check(0.0 <= self.confidence < 1.0, "loss.confidence must be in [0, 1)")
-        _check(0.0 <= self.warmup_frac <= 1.0, "loss.warmup_frac must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -191,20 +175,7 @@ class ClusterConfig:
     full_floor: float = 0.5
 
     def __post_init__(self) -> None:
-        _check(self.n_clusters is None or self.n_clusters >= 2, "cluster.n_clusters must be >= 2")
-        _check(
-            self.recluster_every is None or self.recluster_every >= 1,
-            "cluster.recluster_every must be >= 1 or null (never)",
-        )
-        _check(self.alpha > 0, "cluster.alpha must be > 0")
-        _check(self.pca_weight is None or self.pca_weight >= 0, "cluster.pca_weight must be >= 0")
-        _check(self.n_init >= 1, "cluster.n_init must be >= 1")
-        _check(
-            self.final_n_init is None or self.final_n_init >= 1, "cluster.final_n_init must be >= 1"
-        )
-        _check(self.n_resolved is None or self.n_resolved >= 1, "cluster.n_resolved must be >= 1")
-        _check(self.full_prior >= 0, "cluster.full_prior must be >= 0")
-        _check(0 <= self.full_floor <= 1, "cluster.full_floor must be in [0, 1]")
+        _check_section(self, "cluster")
 
 
 @dataclass(frozen=True)
@@ -222,10 +193,11 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over the cells)
 
     def __post_init__(self) -> None:
-        _check(self.block_size >= 64, "train.block_size must be >= 64")
-        _check(self.epochs is None or self.epochs >= 1, "train.epochs must be >= 1")
-        _check(self.batch_size >= 4, "train.batch_size must be >= 4")
-        _check(self.lr > 0, "train.lr must be > 0")
+        _check_section(self, "train")
+        _check(
+            self.min_steps <= self.max_steps,
+            f"train.min_steps ({self.min_steps}) must be <= train.max_steps ({self.max_steps})",
+        )
 
 
 @dataclass(frozen=True)
@@ -237,6 +209,9 @@ class CICLConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_section(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,6 +240,86 @@ class CICLConfig:
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
+
+
+# The one table of allowed ranges, by dotted key (a None value passes where the type allows
+# it: "auto" / "never"). Types are checked where values come in (``_typed``); finiteness and
+# these ranges whenever a section is built (``_check_section``), however it was built.
+LIMITS: dict[str, str] = {
+    "preprocess.n_top_genes": ">= 2",
+    "preprocess.max_value": "> 0",
+    "preprocess.n_pcs": ">= 2",
+    "preprocess.min_genes": ">= 0",
+    "model.mlp_hidden": ">= 1",
+    "model.mlp_bottleneck": ">= 1",
+    "model.d_model": ">= 1",
+    "model.n_layers": ">= 1",
+    "model.n_heads": ">= 1",
+    "model.ffn_dim": ">= 1",
+    "model.embed_dim": ">= 1",
+    "model.ref_layers": ">= 1",
+    "model.ref_hidden": ">= 1",
+    "model.proj_hidden": ">= 1",
+    "model.proj_dim": ">= 1",
+    "model.n_tokens": ">= 2",  # attention needs several tokens
+    "model.dropout": "in [0, 1)",
+    "model.ref_dropout": "in [0, 1)",
+    "augment.noise_std": ">= 0",
+    "augment.noise_frac": "in [0, 1]",
+    "augment.mask_frac": "in [0, 1]",
+    "augment.neighbor_prob": "in [0, 1]",
+    "augment.neighbor_mix": "in [0, 1]",
+    "augment.n_neighbors": ">= 1",
+    "loss.recon_weight": ">= 0",
+    "loss.instance_weight": ">= 0",
+    "loss.temperature": "> 0",
+    "loss.lam": ">= 0",
+    "loss.confidence": "in [0, 1)",
+    "loss.warmup_frac": "in [0, 1]",
+    "cluster.n_clusters": ">= 2",
+    "cluster.recluster_every": ">= 1",
+    "cluster.pca_weight": ">= 0",
+    "cluster.alpha": "> 0",
+    "cluster.n_init": ">= 1",
+    "cluster.final_n_init": ">= 1",
+    "cluster.n_resolved": ">= 1",
+    "cluster.kmeans_sample": ">= 2",
+    "cluster.max_iter": ">= 1",
+    "cluster.full_prior": ">= 0",
+    "cluster.full_floor": "in [0, 1]",
+    "train.epochs": ">= 1",
+    "train.auto_epochs": ">= 1",
+    "train.min_steps": ">= 1",
+    "train.max_steps": ">= 1",
+    "train.batch_size": ">= 4",
+    "train.lr": "> 0",
+    "train.weight_decay": ">= 0",
+    "train.block_size": ">= 64",
+    "train.steps_per_epoch": ">= 1",
+    "seed": ">= 0",
+}
+
+
+def _within(value: float, rule: str) -> bool:
+    if rule.startswith("in "):
+        lo, hi = (float(b) for b in rule[4:-1].split(","))
+        return lo <= value and (value < hi if rule.endswith(")") else value <= hi)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def _check_section(obj: Any, section: str) -> None:
+    """Every numeric field finite and inside ``LIMITS``."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        key = f"{section}.{f.name}" if section else f.name
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}.")
+        rule = LIMITS.get(key)
+        if rule is not None and not _within(value, rule):
+            raise ConfigError(f"{key} must be {rule}, got {value}.")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -327,8 +382,15 @@ def _typed(key: str, value: Any, annotation: str) -> Any:
             raise ConfigError(f"{key} must be true or false, got {value!r}.")
         return value
     if base in ("int", "float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string: a number all the same
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number ({base}), got {value!r}.") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number ({base}), got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}.")
         if base == "int":
             if float(value) != int(value):
                 raise ConfigError(f"{key} must be an integer, got {value!r}.")

@@ -210,3 +210,29 @@ def test_truncated_h5ad_is_one_error(tmp_path, inp, capsys):
     data = inp.read_bytes()
     inp.write_bytes(data[: len(data) // 2])
     _refused(capsys, ["fit", str(inp), "-o", str(tmp_path / "out.h5ad")], "Could not read")
+
+
+@pytest.mark.parametrize(
+    ("setting", "msg"),
+    [
+        ("train.weight_decay=-1", "train.weight_decay must be >= 0"),  # was a traceback
+        ("train.lr=nan", "finite"),
+        ("loss.temperature=.inf", "finite"),
+        ("train.min_steps=700", "<= train.max_steps"),
+        ("seed=-3", "seed must be >= 0"),
+        ("cluster.kmeans_sample=1", ">= 2"),
+        ("model.dropout=1", "in [0, 1)"),
+        ("train.epochs=2.5", "integer"),
+    ],
+)
+def test_config_values_are_checked_before_work(tmp_path, inp, capsys, setting, msg):
+    out = tmp_path / "out.h5ad"
+    _refused(capsys, ["fit", str(inp), "-o", str(out), "--set", setting], msg)
+    assert not out.exists()
+
+
+def test_numbers_written_with_an_exponent_are_numbers():
+    """YAML 1.1 reads 1e-3 as a string; it was refused as 'must be a number'."""
+    from cicl.config import load_config
+
+    assert load_config(None, {"train.lr": "1e-3", "train.epochs": "3"}).train.lr == 0.001
