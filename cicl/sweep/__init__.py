@@ -21,9 +21,11 @@ from cicl.sweep.spaces import (
     TUNE_DIR,
     Space,
     base_point,
+    builtin_spaces,
     k_range,
     load_space,
     max_rounds,
+    spaces_dir,
     trial_config,
     tune_space,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "SweepResult",
     "SweepSetup",
     "base_point",
+    "builtin_spaces",
     "close_orphans",
     "finished_result",
     "k_range",
@@ -53,6 +56,7 @@ __all__ = [
     "max_rounds",
     "run_sweep",
     "run_trial",
+    "spaces_dir",
     "trial_config",
     "tune_space",
 ]

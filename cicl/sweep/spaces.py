@@ -1,10 +1,11 @@
-"""Search spaces: the YAML files (built-in ones in the repository's tune/), the Ray Tune and
+"""Search spaces: the YAML files (built-in ones shipped as package data), the Ray Tune and
 Optuna distributions they define, the sweep's first point (the base configuration), each
 trial's configuration, and how many reclustering rounds the longest trial runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,25 @@ import yaml
 from cicl.config import CICLConfig
 from cicl.errors import CICLError
 
-TUNE_DIR = Path(__file__).resolve().parents[2] / "tune"
+SPACES_PACKAGE = "cicl.spaces"  # the repository's tune/ folder, shipped under this name
+
+
+def spaces_dir() -> Path:
+    """The folder of the built-in spaces: the package data ``cicl.spaces`` (pyproject.toml
+    maps the repository's ``tune/`` to it, in a wheel and in an editable install); the
+    checkout's ``tune/`` when cicl is imported from a source tree that was never installed."""
+    try:
+        return Path(resources.files(SPACES_PACKAGE))  # a folder: wheels install unzipped
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "tune"
+
+
+def builtin_spaces() -> list[str]:
+    """The names ``--space`` takes besides a path: one per YAML file shipped with cicl."""
+    return sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+
+
+TUNE_DIR = spaces_dir()  # where the built-in spaces are read from
 AUG_KINDS = ("noise_std", "mask_frac", "neighbor_prob")  # the strength that turns each kind on
 AUG_TYPES = {
     "noise": ("noise_std",),
@@ -36,12 +55,12 @@ class Space:
 
 
 def load_space(spec: str | Path) -> Space:
-    """``spec`` is a path to a YAML file or the name of one in ``tune/``."""
+    """``spec`` is a path to a YAML file or the name of a built-in space (``tune/``)."""
     p = Path(spec)
     if not p.suffix:
-        p = TUNE_DIR / f"{spec}.yaml"
+        p = spaces_dir() / f"{spec}.yaml"
     if not p.is_file():
-        known = ", ".join(sorted(f.stem for f in TUNE_DIR.glob("*.yaml")))
+        known = ", ".join(builtin_spaces())
         raise CICLError(f"Search space '{spec}' not found. Give a YAML path or one of: {known}.")
     data = yaml.safe_load(p.read_text()) or {}
     params = data.get("params") or {}
