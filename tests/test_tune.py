@@ -184,6 +184,36 @@ def test_first_trial_is_the_base_configuration(sweep):
     assert p["search.cluster.n_clusters"] == k_est
 
 
+def test_a_space_without_k_gives_every_trial_the_fits_estimate(data_dir, tiny_cfg, tmp_path):
+    """A space that does not search ``cluster.n_clusters`` (nor fixes it): every trial clusters
+    into the K the sweep was given (the driver's label-free estimate, the rule `cicl fit` uses
+    without -k), not a constant."""
+    import anndata as ad
+    import ray
+
+    from cicl.data.preprocess import preprocess
+    from cicl.sweep import SweepOptions, run_sweep
+
+    space = tmp_path / "no_k.yaml"
+    space.write_text("params:\n  loss.temperature: {type: choice, values: [0.5, 0.7]}\n")
+    cfg = tiny_cfg.with_overrides({"train.epochs": 2, "cluster.final_n_init": 2})
+    p = preprocess(ad.read_h5ad(data_dir / "biase.h5ad"), cfg.preprocess)
+    k_est = 5
+    root = tmp_path / "root"
+    opts = SweepOptions(
+        trials=2, space=str(space), root=str(root), asha=False, plots=False, progress=False
+    )
+    ray.shutdown()
+    try:
+        res = run_sweep(p.x, p.pcs, k_est, cfg, opts)
+    finally:
+        ray.shutdown()
+    _, _, children = _runs(root, res.experiment)
+    assert len(children) == 2
+    assert [r.data.metrics["final_n_clusters"] for r in children] == [k_est, k_est]
+    assert res.best_result is not None and res.best_result.centroids.shape[0] == k_est
+
+
 def test_base_point_puts_the_base_config_inside_the_space():
     from cicl.config import CICLConfig
     from cicl.sweep import Space, base_point

@@ -35,6 +35,7 @@ class SweepSetup:
     parent_run_id: str
     storage: str
     plan: WorkerPlan  # each trial's Ray Train workers
+    k_est: int  # K of a trial whose config leaves it open: the fit's label-free estimate
     label_key: str | None
     plots: bool = True
     # the fitted preprocessing half of a stored model (``reference.prep_record``): with it,
@@ -79,7 +80,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(setup.base, setup.space, config)
-    k = int(cfg.cluster.n_clusters or 2)
+    k = int(cfg.cluster.n_clusters or setup.k_est)
     run_id, created = find_or_create_run(
         setup.mlflow_uri,
         setup.experiment_id,

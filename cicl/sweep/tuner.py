@@ -148,6 +148,7 @@ def run_sweep(
         parent_run_id=parent,
         storage=str(path),
         plan=plan,
+        k_est=k_est,
         label_key=label_key,
         plots=opts.plots,
         model_base=model_base,
