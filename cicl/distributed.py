@@ -8,6 +8,10 @@ rank's RNG state) every reclustering round; ``FailureConfig`` restarts a lost wo
 the last one, and a new run with the same ``name`` and ``storage`` resumes it. Each worker
 writes its cells' labels and embedding under the run folder; the driver stitches them back in
 the input order.
+
+One driver serves a single fit and a sweep's trial (Ray's Train-inside-Tune pattern):
+``train_sharded`` shards the cells, hands every rank one ``WorkerConfig`` and runs the workers
+as ``plan_workers`` sized them; a trial adds its Tune/MLflow callbacks and per-round scoring.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,94 @@ class RayOptions:
     name: str | None = None  # default: a fresh unique name
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     threads: int | None = None  # torch threads per worker (default: cores / workers locally)
-    fail_at_epoch: int | None = None  # test hook: kill rank 1 once after this epoch's report
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many Ray Train workers and what each gets: the CPUs and GPUs reserved for it with
+    Ray, and its torch threads."""
+
+    workers: int
+    cpus: float
+    gpus: float = 0.0
+    threads: int = 1
+
+    def resources(self) -> dict[str, float]:
+        """Ray's ``resources_per_worker`` (GPUs only when asked: NCCL then, else gloo)."""
+        out = {"CPU": self.cpus}
+        if self.gpus:
+            out["GPU"] = self.gpus
+        return out
+
+
+def plan_workers(
+    workers: int,
+    total_cpu: float,
+    *,
+    cpus: float | None = None,
+    gpus: float = 0.0,
+    threads: int | None = None,
+    concurrent: int = 1,
+    driver_cpu: float = 0.0,
+    whole_machine: bool = False,
+) -> WorkerPlan:
+    """The one place that sizes workers, for a fit and for a sweep's trials.
+
+    CPUs (unless given): a fair share of the cluster's ``total_cpu``, less ``driver_cpu`` for
+    each of ``concurrent`` trial drivers, over all their workers; between a quarter and one CPU
+    (fractional requests let workers share a small machine's cores), on a quarter grid so the
+    requests of drivers and workers add up within the total. Threads (unless given): a fit that
+    has the local machine to itself (``whole_machine``) splits its cores over the workers;
+    otherwise (a cluster, or trials sharing the machine) a worker runs on the whole CPUs it
+    reserved, at least one."""
+    share = (total_cpu - driver_cpu * concurrent) / (concurrent * workers)
+    c = cpus or max(0.25, min(1.0, share))
+    c = float(np.floor(c * 4) / 4) or 0.25
+    if threads is None:
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // workers) if whole_machine else max(1, int(c))
+    return WorkerPlan(workers=workers, cpus=c, gpus=gpus, threads=threads)
+
+
+def fit_plan(opts: RayOptions) -> WorkerPlan:
+    """A single fit's workers on the Ray it is connected to (see ``plan_workers``)."""
+    import ray
+
+    return plan_workers(
+        opts.workers,
+        float(ray.cluster_resources().get("CPU", 1.0)),
+        cpus=opts.cpus_per_worker,
+        gpus=opts.gpus_per_worker,
+        threads=opts.threads,
+        whole_machine=opts.address is None,
+    )
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """Where a Ray Train run lives: its checkpoints under ``storage/name`` (the same pair
+    again resumes it), the ranks' results in ``out_dir``."""
+
+    storage: Path
+    name: str
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every rank is handed (small: cells travel as object-store references, one per
+    rank, or as the file each rank streams its rows of)."""
+
+    cfg: CICLConfig
+    k: int
+    out_dir: str
+    threads: int
+    shards: tuple = ()  # per rank: ObjectRef of (x, pcs, indices, counts or None)
+    groups: np.ndarray | None = None
+    pca_init: tuple[np.ndarray, np.ndarray] | None = None
+    stream: StreamSetup | None = None  # streaming: the file and the driver-fitted transform
+    objective: str | None = None  # sweeps: score every round on the rank's cells ...
+    truth: tuple[np.ndarray, ...] | None = None  # ... and against its cells' true labels
 
 
 def model_init(
@@ -71,7 +164,8 @@ def put_shards(
     return [ray.put((x[p], pcs[p], p, None if counts is None else counts[p])) for p in parts]
 
 
-def _prepare_run(opts: RayOptions) -> tuple[Path, str, Path]:
+def prepare_run(opts: RayOptions) -> RayRun:
+    """Connect to Ray and name the run; its results folder starts empty."""
     ensure_ray(opts.address)
     storage = Path(opts.storage or "runs/ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -79,7 +173,7 @@ def _prepare_run(opts: RayOptions) -> tuple[Path, str, Path]:
     out_dir = storage / name / "shards"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    return storage, name, out_dir
+    return RayRun(storage, name, out_dir)
 
 
 def shard_indices(n: int, world: int, seed: int) -> list[np.ndarray]:
@@ -138,91 +232,94 @@ def fit_ray(
     """Train with ``opts.workers`` Ray Train workers; returns the stitched result.
     ``counts``: the raw counts for the negative binomial decoder (count input)."""
     t0 = time.perf_counter()
-    storage, name, out_dir = _prepare_run(opts)
-    groups, pca_init = model_init(x, pcs, cfg)
-    parts = shard_indices(x.shape[0], opts.workers, cfg.seed)
-    shards = put_shards(x, pcs, counts, parts)
-
-    loop_config = {
-        "cfg": cfg,
-        "k": n_clusters,
-        "shards": shards,
-        "groups": groups,
-        "pca_init": pca_init,
-    }
-    _run_trainer(_worker_loop, loop_config, opts, storage, name, out_dir)
-    res = _collect(out_dir, parts, x.shape[0])
+    run = prepare_run(opts)
+    res, _ = train_sharded(
+        x, pcs, n_clusters, cfg, fit_plan(opts), run, counts=counts, max_failures=opts.max_failures
+    )
     res.seconds = time.perf_counter() - t0
     if progress:
-        print(f"Ray Train: {opts.workers} workers, run '{name}' under {storage}")
+        print(f"Ray Train: {opts.workers} workers, run '{run.name}' under {run.storage}")
     return res
 
 
-def build_trainer(
-    fn,
-    loop_config: dict,
+def train_sharded(
+    x: np.ndarray,
+    pcs: np.ndarray,
+    k: int,
+    cfg: CICLConfig,
+    plan: WorkerPlan,
+    run: RayRun,
     *,
-    workers: int,
-    resources: dict[str, float],
-    name: str,
-    storage: Path,
-    max_failures: int = 2,
+    counts: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+    objective: str | None = None,
+    callbacks: list | None = None,
     keep: int = 2,
+    max_failures: int = 2,
+    worker: Callable[[WorkerConfig], None] | None = None,
+) -> tuple[TrainResult, Any]:
+    """The driver of a fit or a sweep's trial on cells in memory: model pieces computed once,
+    one seeded shard per rank in the object store, ``worker`` (default ``worker_loop``) on
+    every rank, results stitched back in input order. ``objective`` and ``truth`` make each
+    rank score its cells every round (sweeps). Returns the result and Ray's ``Result``."""
+    groups, pca_init = model_init(x, pcs, cfg)
+    parts = shard_indices(x.shape[0], plan.workers, cfg.seed)
+    wc = WorkerConfig(
+        cfg=cfg,
+        k=k,
+        out_dir=str(run.out_dir),
+        threads=plan.threads,
+        shards=tuple(put_shards(x, pcs, counts, parts)),
+        groups=groups,
+        pca_init=pca_init,
+        objective=objective,
+        truth=None if truth is None else tuple(truth[p] for p in parts),
+    )
+    result = run_workers(
+        worker or worker_loop,
+        wc,
+        plan,
+        run,
+        keep=keep,
+        max_failures=max_failures,
+        callbacks=callbacks,
+    )
+    return _collect(run.out_dir, parts, x.shape[0]), result
+
+
+def run_workers(
+    worker: Callable[[WorkerConfig], None],
+    wc: WorkerConfig,
+    plan: WorkerPlan,
+    run: RayRun,
+    *,
+    keep: int = 2,
+    max_failures: int = 2,
     callbacks: list | None = None,
 ):
-    """A ``TorchTrainer`` running ``fn`` on ``workers`` ranks (NCCL when ``resources`` asks for
-    GPUs, else gloo), keeping the last ``keep`` per-round checkpoints."""
+    """Fit a ``TorchTrainer`` running ``worker(wc)`` on ``plan.workers`` ranks (NCCL when the
+    plan has GPUs, else gloo), keeping the last ``keep`` per-round checkpoints; a lost worker
+    group restarts from the last one up to ``max_failures`` times. Returns Ray's ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    return TorchTrainer(
-        fn,
-        train_loop_config=loop_config,
+    resources = plan.resources()
+    trainer = TorchTrainer(
+        partial(worker, wc),
         scaling_config=ScalingConfig(
-            num_workers=workers,
+            num_workers=plan.workers,
             use_gpu=bool(resources.get("GPU")),
             resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
+            name=run.name,
+            storage_path=str(run.storage),
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks or [],
         ),
     )
-
-
-def _run_trainer(
-    fn, loop_config: dict, opts: RayOptions, storage: Path, name: str, out_dir: Path
-) -> None:
-    """Build and fit the TorchTrainer: fractional CPUs where the cluster is small, GPUs when
-    asked (NCCL then), checkpoints kept per round, lost workers restarted from the last one."""
-    import ray
-
-    total_cpu = float(ray.cluster_resources().get("CPU", 1.0))
-    cpus = opts.cpus_per_worker or max(0.25, min(1.0, total_cpu / opts.workers))
-    resources: dict[str, float] = {"CPU": cpus}
-    if opts.gpus_per_worker:
-        resources["GPU"] = opts.gpus_per_worker
-    local_threads = max(1, (os.cpu_count() or 1) // opts.workers)
-    loop_config = {
-        **loop_config,
-        "out_dir": str(out_dir),
-        "threads": opts.threads or (max(1, int(cpus)) if opts.address else local_threads),
-        "fail_at_epoch": opts.fail_at_epoch,
-        "marker": str(storage / name / "failed_once"),
-    }
-    trainer = build_trainer(
-        fn,
-        loop_config,
-        workers=opts.workers,
-        resources=resources,
-        name=name,
-        storage=storage,
-        max_failures=opts.max_failures,
-    )
-    trainer.fit()
+    return trainer.fit()
 
 
 def _collect(out_dir: Path, parts: list[np.ndarray], n: int) -> TrainResult:
@@ -265,14 +362,14 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
     )
 
 
-def _worker_setup(config: dict[str, Any]) -> tuple[int, CICLConfig, dict | None]:
+def _worker_setup(wc: WorkerConfig) -> tuple[int, CICLConfig, dict | None]:
     """Threads, rank, device and the checkpoint to resume from (if Ray restarted us)."""
     import ray.train
     import torch
 
-    torch.set_num_threads(config["threads"])
+    torch.set_num_threads(wc.threads)
     rank = ray.train.get_context().get_world_rank()
-    cfg: CICLConfig = config["cfg"]
+    cfg = wc.cfg
     if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
         import ray.train.torch
 
@@ -285,8 +382,12 @@ def _worker_setup(config: dict[str, Any]) -> tuple[int, CICLConfig, dict | None]
     return rank, cfg, restore
 
 
-def _reporter(rank: int, config: dict[str, Any]):
-    """``on_round``: every rank reports (a barrier); rank 0 attaches the checkpoint."""
+RoundHook = Callable[[int, dict], None]  # (rank, the round's record), after its report
+
+
+def _reporter(rank: int, after_round: RoundHook | None = None):
+    """``on_round``: every rank reports (a barrier); rank 0 attaches the checkpoint; then
+    ``after_round`` if given."""
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -303,52 +404,49 @@ def _reporter(rank: int, config: dict[str, Any]):
                 )
         else:
             ray.train.report(metrics)
-        fail = config.get("fail_at_epoch")
-        if fail is not None and rec["epoch"] >= fail and rank == 1:
-            marker = Path(config["marker"])
-            if not marker.exists():  # test hook: lose a worker once, mid-training
-                marker.write_text("killed")
-                os._exit(1)
+        if after_round is not None:
+            after_round(rank, rec)
 
     return on_round
 
 
-def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: fetch the own shard, restore, train, write results."""
+def worker_loop(wc: WorkerConfig, *, after_round: RoundHook | None = None) -> None:
+    """Runs in every Ray Train worker: fetch the own shard, restore, train, write results.
+    ``after_round(rank, record)`` runs on every rank after each round's report."""
     import ray
 
     from cicl.comm import default_comm
     from cicl.train.loop import train
 
-    rank, cfg, restore = _worker_setup(config)
-    x, pcs, idx, counts = ray.get(config["shards"][rank])
+    rank, cfg, restore = _worker_setup(wc)
+    x, pcs, idx, counts = ray.get(wc.shards[rank])
     hook = None
-    if config.get("objective"):  # sweeps: score every round on this rank's cells
+    if wc.objective:  # sweeps: score every round on this rank's cells
         from cicl.objective import score_labels, truth_scores
 
-        truth = config["truth"][rank] if config.get("truth") is not None else None
+        objective = wc.objective
+        truth = wc.truth[rank] if wc.truth is not None else None
 
         def hook(labels: np.ndarray, emb) -> dict:
-            out = {"objective": score_labels(config["objective"], labels, pcs, emb, truth)}
+            out = {"objective": score_labels(objective, labels, pcs, emb, truth)}
             if truth is not None:
                 out.update(truth_scores(labels, truth))
             return out
 
-    on_round = _reporter(rank, config)
     res = train(
         x,
         pcs,
-        config["k"],
+        wc.k,
         cfg,
         comm=default_comm(),
-        groups=config["groups"],
-        pca_init=config["pca_init"],
+        groups=wc.groups,
+        pca_init=wc.pca_init,
         restore=restore,
-        on_round=on_round,
+        on_round=_reporter(rank, after_round),
         round_metrics=hook,
         counts=counts,
     )
-    out = Path(config["out_dir"])
+    out = Path(wc.out_dir)
     tmp = out / f".rank{rank}.tmp.npz"
     np.savez(tmp, idx=idx, labels=res.labels, embedding=res.embedding.astype(np.float32))
     os.replace(tmp, out / f"rank{rank}.npz")
@@ -410,11 +508,15 @@ def fit_ray_stream(
     """Streaming training over Ray Train workers, each reading its own row range of the file;
     returns labels and embedding of every cell in file order."""
     t0 = time.perf_counter()
-    storage, name, out_dir = _prepare_run(opts)
-    loop_config = {"cfg": cfg, "k": n_clusters, "setup": setup}
-    _run_trainer(_stream_worker_loop, loop_config, opts, storage, name, out_dir)
+    run = prepare_run(opts)
+    plan = fit_plan(opts)
+    wc = WorkerConfig(
+        cfg=cfg, k=n_clusters, out_dir=str(run.out_dir), threads=plan.threads, stream=setup
+    )
+    run_workers(_stream_worker_loop, wc, plan, run, max_failures=opts.max_failures)
     from cicl.data.stream import row_ranges
 
+    out_dir = run.out_dir
     labels = np.empty(setup.n_cells, dtype=np.int64)
     emb: np.ndarray | None = None
     for r, (a, b) in enumerate(row_ranges(setup.n_cells, opts.workers)):
@@ -425,13 +527,15 @@ def fit_ray_stream(
         labels[a:b], emb[a:b] = lab, e
     assert emb is not None
     if progress:
-        print(f"Ray Train (streaming): {opts.workers} workers, run '{name}' under {storage}")
+        print(
+            f"Ray Train (streaming): {opts.workers} workers, run '{run.name}' under {run.storage}"
+        )
     res = load_result(out_dir, labels, emb)
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _stream_worker_loop(config: dict[str, Any]) -> None:
+def _stream_worker_loop(wc: WorkerConfig) -> None:
     """Every worker streams rows [start, stop) of the file; results go to .npy files in
     blocks, so neither input nor output is ever held whole."""
     import ray
@@ -440,12 +544,13 @@ def _stream_worker_loop(config: dict[str, Any]) -> None:
     from cicl.data.stream import H5adSource, row_ranges
     from cicl.train.stream import train_stream
 
-    rank, cfg, restore = _worker_setup(config)
-    setup: StreamSetup = config["setup"]
+    rank, cfg, restore = _worker_setup(wc)
+    setup = wc.stream
+    assert setup is not None
     comm = default_comm()
     a, b = row_ranges(setup.n_cells, comm.world)[rank]
     src = H5adSource(setup.path, a, b, setup.transform)
-    out = Path(config["out_dir"])
+    out = Path(wc.out_dir)
     lab_tmp, emb_tmp = out / f".rank{rank}_labels.npy", out / f".rank{rank}_embedding.npy"
     files: dict[str, np.ndarray] = {}  # result memmaps, opened when the first block arrives
 
@@ -458,14 +563,14 @@ def _stream_worker_loop(config: dict[str, Any]) -> None:
 
     res = train_stream(
         src,
-        config["k"],
+        wc.k,
         cfg,
         comm=comm,
         groups=setup.groups,
         pca_init=setup.pca_init,
         pca_stats=setup.pca_stats,
         n_genes=setup.n_genes_used,
-        on_round=_reporter(rank, config),
+        on_round=_reporter(rank),
         on_block=on_block,
         restore=restore,
     )

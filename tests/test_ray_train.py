@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -12,7 +14,15 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 import cicl
-from cicl.distributed import RayOptions, fit_ray
+from cicl.distributed import (
+    RayOptions,
+    WorkerConfig,
+    fit_plan,
+    fit_ray,
+    prepare_run,
+    train_sharded,
+    worker_loop,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +81,39 @@ def test_two_workers_on_real_data(pollen, clean):
     assert state["epoch"] == 6 and state["rng_aug"].shape[0] == 2
 
 
+FAIL_AT_EPOCH = 2
+
+
+def _loses_rank1_once(wc: WorkerConfig) -> None:
+    """The fit's own worker, except that rank 1 dies once (its process exits) right after it
+    reported round ``FAIL_AT_EPOCH``; a marker file next to the run's results says it did."""
+    marker = Path(wc.out_dir).parent / "failed_once"
+
+    def die_once(rank: int, rec: dict) -> None:
+        if rank == 1 and rec["epoch"] >= FAIL_AT_EPOCH and not marker.exists():
+            marker.write_text("killed")
+            os._exit(1)
+
+    worker_loop(wc, after_round=die_once)
+
+
 def test_lost_worker_resumes_to_the_same_labels(pollen, clean, tiny_cfg, tmp_path):
     """Rank 1 dies after the epoch-2 checkpoint; FailureConfig restarts the group from it and
     the restored RNG states give exactly the labels of an uninterrupted run."""
+    from ray import cloudpickle
+
     x, pcs, y = pollen
     k = len(set(y))
     cfg = _cfg(tiny_cfg)
     clean, _ = clean
-    hit = fit_ray(
-        x, pcs, k, cfg, RayOptions(workers=2, storage=str(tmp_path), name="hit", fail_at_epoch=2)
-    )
+    opts = RayOptions(workers=2, storage=str(tmp_path), name="hit")
+    # the workers cannot import this test module: ship its worker function by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        run = prepare_run(opts)
+        hit, _ = train_sharded(x, pcs, k, cfg, fit_plan(opts), run, worker=_loses_rank1_once)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert (tmp_path / "hit" / "failed_once").exists()  # the worker really was lost
     assert np.array_equal(clean.labels, hit.labels)
     assert [h["epoch"] for h in hit.history] == [2, 4, 6]

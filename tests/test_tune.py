@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cicl.sweep import _close_orphans, finished_result
+from cicl.sweep import close_orphans, finished_result
 from cicl.tracking import child_runs, default_mlflow_uri, mlflow_client
 
 
@@ -184,6 +184,36 @@ def test_first_trial_is_the_base_configuration(sweep):
     assert p["search.cluster.n_clusters"] == k_est
 
 
+def test_a_space_without_k_gives_every_trial_the_fits_estimate(data_dir, tiny_cfg, tmp_path):
+    """A space that does not search ``cluster.n_clusters`` (nor fixes it): every trial clusters
+    into the K the sweep was given (the driver's label-free estimate, the rule `cicl fit` uses
+    without -k), not a constant."""
+    import anndata as ad
+    import ray
+
+    from cicl.data.preprocess import preprocess
+    from cicl.sweep import SweepOptions, run_sweep
+
+    space = tmp_path / "no_k.yaml"
+    space.write_text("params:\n  loss.temperature: {type: choice, values: [0.5, 0.7]}\n")
+    cfg = tiny_cfg.with_overrides({"train.epochs": 2, "cluster.final_n_init": 2})
+    p = preprocess(ad.read_h5ad(data_dir / "biase.h5ad"), cfg.preprocess)
+    k_est = 5
+    root = tmp_path / "root"
+    opts = SweepOptions(
+        trials=2, space=str(space), root=str(root), asha=False, plots=False, progress=False
+    )
+    ray.shutdown()
+    try:
+        res = run_sweep(p.x, p.pcs, k_est, cfg, opts)
+    finally:
+        ray.shutdown()
+    _, _, children = _runs(root, res.experiment)
+    assert len(children) == 2
+    assert [r.data.metrics["final_n_clusters"] for r in children] == [k_est, k_est]
+    assert res.best_result is not None and res.best_result.centroids.shape[0] == k_est
+
+
 def test_base_point_puts_the_base_config_inside_the_space():
     from cicl.config import CICLConfig
     from cicl.sweep import Space, base_point
@@ -245,7 +275,8 @@ def test_sweep_leaves_one_parent_and_a_child_per_trial(sweep):
 def test_sweep_plots_compare_finished_trials(tmp_path):
     """Optuna importance and parallel coordinates over the finished trials; a trial ASHA
     stopped (no final objective) is left out, as Optuna leaves out pruned trials."""
-    from cicl.sweep import _optuna_plots, load_space
+    from cicl.sweep import load_space
+    from cicl.sweep.artifacts import optuna_plots
 
     space = load_space("small")
     rng = np.random.default_rng(0)
@@ -262,14 +293,14 @@ def test_sweep_plots_compare_finished_trials(tmp_path):
         }
         for i in range(5)
     ]
-    _optuna_plots(space, 4, 56, trials, tmp_path)
+    optuna_plots(space, 4, 56, trials, tmp_path)
     imp = json.loads((tmp_path / "param_importance.json").read_text())
     assert set(imp) == set(space.params)
     assert (tmp_path / "param_importance.png").stat().st_size > 0
     assert (tmp_path / "parallel_coordinates.png").stat().st_size > 0
     single = tmp_path / "one"
     single.mkdir()
-    _optuna_plots(space, 4, 56, trials[3:], single)  # one finished trial: nothing to compare
+    optuna_plots(space, 4, 56, trials[3:], single)  # one finished trial: nothing to compare
     assert not list(single.iterdir())
 
 
@@ -346,17 +377,17 @@ def test_supervised_objective_needs_labels(data_dir, tmp_path, capsys):
 def test_asha_never_stops_a_trial_before_its_last_round():
     """ASHA's max_t counts the trials' rounds: the space's fixed values win over the base."""
     from cicl.config import CICLConfig
-    from cicl.sweep import Space, _max_rounds
+    from cicl.sweep import Space, max_rounds
 
     base = CICLConfig().with_overrides({"train.epochs": 3})  # e.g. a user's --set
     fixed = {"train.epochs": 6, "cluster.recluster_every": 2}
-    assert _max_rounds(base, Space("s", {}, fixed), 100) == 3
+    assert max_rounds(base, Space("s", {}, fixed), 100) == 3
     searched = {"train.epochs": {"type": "int", "low": 4, "high": 10}}
-    assert _max_rounds(base, Space("s", searched, fixed), 100) == 5
+    assert max_rounds(base, Space("s", searched, fixed), 100) == 5
     # large.yaml: batches up to 2048 need up to 50 epochs of 5,685 cells (min_steps 100)
     large = {"train.batch_size": {"type": "choice", "values": [256, 2048]}}
     every1 = {"cluster.recluster_every": 1}
-    assert _max_rounds(CICLConfig(), Space("s", large, every1), 5685) == 50
+    assert max_rounds(CICLConfig(), Space("s", large, every1), 5685) == 50
 
 
 def test_restarted_trial_reuses_a_finished_run_only(tmp_path):
@@ -403,7 +434,7 @@ def test_runs_of_trials_tune_lost_are_not_left_beside_the_sweep(tmp_path, capsys
     setup = SimpleNamespace(
         mlflow_uri=default_mlflow_uri(tmp_path), experiment_id=exp, parent_run_id=parent
     )
-    assert _close_orphans(setup, trials) == 1
+    assert close_orphans(setup, trials) == 1
     assert "1 trial run(s)" in capsys.readouterr().err
     got = {n: c.get_run(r) for n, r in run.items()}
     assert got["stopped"].info.status == "KILLED"
@@ -465,10 +496,10 @@ def test_sweep_output_drops_only_rays_fractional_cpu_warning():
     cause it on small machines) is dropped with its line end; everything else passes as is."""
     import io
 
-    from cicl.sweep import _DropNoise
+    from cicl.sweep.console import DropNoise
 
     sink = io.StringIO()
-    out = _DropNoise(sink)
+    out = DropNoise(sink)
     print("box", file=out)
     warning = (
         "(raylet) WARNING: 8 PYTHON worker processes have been started on node: abc with "
@@ -485,4 +516,4 @@ def test_sweep_output_drops_only_rays_fractional_cpu_warning():
         def isatty(self) -> bool:
             return True
 
-    assert _DropNoise(Terminal()).isatty() and not out.isatty()  # asked of the sink
+    assert DropNoise(Terminal()).isatty() and not out.isatty()  # asked of the sink

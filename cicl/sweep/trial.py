@@ -1,0 +1,136 @@
+"""One trial of a sweep: a Ray Tune function trainable that runs the fit's own Ray Train
+driver (``cicl.distributed.train_sharded``, Ray's Train-inside-Tune pattern) with the trial's
+config, adding per-round scoring and callbacks that forward each round to Tune (ASHA) and to the
+trial's MLflow run; then scores the final labels and logs the trial's artifacts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cicl.config import CICLConfig
+from cicl.distributed import RayRun, WorkerPlan, train_sharded
+from cicl.objective import score_labels, truth_scores
+from cicl.sweep.artifacts import trial_artifacts
+from cicl.sweep.spaces import Space, trial_config
+from cicl.tracking import find_or_create_run, log_metrics, log_params, mlflow_client
+
+
+@dataclass
+class SweepSetup:
+    """Everything a trial needs besides its sampled params (shipped once with
+    ``tune.with_parameters``)."""
+
+    base: CICLConfig
+    space: Space
+    x: np.ndarray
+    pcs: np.ndarray
+    truth: np.ndarray | None
+    objective: str
+    mlflow_uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage: str
+    plan: WorkerPlan  # each trial's Ray Train workers
+    k_est: int  # K of a trial whose config leaves it open: the fit's label-free estimate
+    label_key: str | None
+    plots: bool = True
+    # the fitted preprocessing half of a stored model (``reference.prep_record``): with it,
+    # each trial logs ``reference.h5ad``, so any trial's model maps new cells
+    model_base: dict | None = None
+    counts: np.ndarray | None = None  # raw counts for the negative binomial decoder
+
+
+def _round_logger(uri: str, run_id: str):
+    """A Ray Train callback that logs rank 0's per-round metrics to the trial's MLflow run.
+    It runs in the Train controller, which Ray pins to the trial driver's node (the head on a
+    cluster), so an MLflow server bound to the head's 127.0.0.1 is reachable."""
+    from ray.train import UserCallback
+
+    class MLflowRounds(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics:
+                log_metrics(uri, run_id, metrics[0], int(metrics[0].get("epoch", 0)))
+
+    return MLflowRounds()
+
+
+def finished_result(client, run_id: str) -> dict[str, float] | None:
+    """The final metrics of a trial whose MLflow run has FINISHED, else None.
+
+    A trial marks its run FINISHED just before it reports to Tune, so a Ctrl-C in between
+    leaves Tune's saved state a step behind MLflow's; on resume such a trial must not train
+    (and rewrite its run) again.
+    """
+    run = client.get_run(run_id)
+    final = {
+        k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_")
+    }
+    return final if run.info.status == "FINISHED" and "objective" in final else None
+
+
+def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
+    """Tune function trainable: one Ray Train run of CICL with this trial's params."""
+    import ray
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(setup.base, setup.space, config)
+    k = int(cfg.cluster.n_clusters or setup.k_est)
+    run_id, created = find_or_create_run(
+        setup.mlflow_uri,
+        setup.experiment_id,
+        {"cicl.trial_id": trial_id},
+        f"trial-{trial_id}",
+        parent=setup.parent_run_id,
+    )
+    client = mlflow_client(setup.mlflow_uri)
+    trial_dir = Path(setup.storage) / "trials" / f"trial_id={trial_id}"
+    if created:
+        log_params(
+            setup.mlflow_uri,
+            run_id,
+            {**cfg.flat(), **{f"search.{k_}": v for k_, v in config.items()}},
+        )
+    else:  # a restarted trial (resume, failure) reopens its own run ...
+        done = finished_result(client, run_id)
+        if done is not None:  # ... unless it had finished: report that, do not train again
+            ray.tune.report({**done, "final": 1.0, "trial_dir": str(trial_dir)})
+            return
+        client.update_run(run_id, status="RUNNING")
+    out_dir = trial_dir / "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = RayRun(Path(setup.storage) / "train", f"train-trial_id={trial_id}", out_dir)
+    res, result = train_sharded(
+        setup.x,
+        setup.pcs,
+        k,
+        cfg,
+        setup.plan,
+        run,
+        counts=setup.counts,
+        truth=setup.truth,
+        objective=setup.objective,
+        keep=1,
+        # MLflow first: a round ASHA stops the trial at is still in the trial's run
+        callbacks=[_round_logger(setup.mlflow_uri, run_id), TuneReportCallback()],
+    )
+    final = {
+        "objective": score_labels(
+            setup.objective, res.labels, setup.pcs, res.embedding, setup.truth
+        ),
+        "n_clusters": float(k),
+    }
+    if setup.truth is not None:
+        final.update(truth_scores(res.labels, setup.truth))
+    steps = int(res.history[-1]["epoch"]) + 1 if res.history else 1
+    log_metrics(setup.mlflow_uri, run_id, {f"final_{k_}": v for k_, v in final.items()}, steps)
+    np.save(trial_dir / "labels.npy", res.labels)
+    np.save(trial_dir / "embedding.npy", res.embedding)
+    trial_artifacts(setup, cfg, res, k, run_id, trial_dir, result)
+    client.set_terminated(run_id, "FINISHED")
+    ray.tune.report({**final, "final": 1.0, "trial_dir": str(trial_dir)})
