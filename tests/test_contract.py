@@ -236,3 +236,13 @@ def test_numbers_written_with_an_exponent_are_numbers():
     from cicl.config import load_config
 
     assert load_config(None, {"train.lr": "1e-3", "train.epochs": "3"}).train.lr == 0.001
+
+
+def test_run_dir_and_root_that_are_files_are_refused_before_work(tmp_path, inp, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("the user's file")
+    out = tmp_path / "out.h5ad"
+    argv = ["fit", str(inp), "-o", str(out), "--workers", "2", "--run-dir", str(afile)]
+    _refused(capsys, argv, "--run-dir")
+    _refused(capsys, ["tune", str(inp), "--root", str(afile)], "--root")
+    assert afile.read_text() == "the user's file" and not out.exists()

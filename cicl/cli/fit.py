@@ -47,7 +47,15 @@ def ray_options_from(args: argparse.Namespace):
         raise CICLError(f"--workers must be >= 1, got {n}.")
     if args.gpus_per_worker < 0:
         raise CICLError("--gpus-per-worker must be >= 0.")
+    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
+        raise CICLError("--cpus-per-worker must be > 0.")
+    if args.max_failures < 0:
+        raise CICLError("--max-failures must be >= 0.")
+    from cicl.data.io import check_folder
     from cicl.distributed import RayOptions
+
+    if args.run_dir is not None:
+        check_folder(args.run_dir, "--run-dir")
 
     return RayOptions(
         workers=n,

@@ -18,7 +18,7 @@ from cicl.errors import CICLError
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.api import write_result
-    from cicl.data.io import check_output, read_input, write_h5ad_atomic
+    from cicl.data.io import check_folder, check_output, read_input, write_h5ad_atomic
     from cicl.pipeline import prepare
     from cicl.reference import model_record, prep_record
     from cicl.sweep import SweepOptions, load_space, run_sweep
@@ -28,6 +28,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     workers = int_at_least("--workers-per-trial", args.workers_per_trial, 1)
     concurrent = int_at_least("--concurrent", args.concurrent, 1)
     space = load_space(args.space)  # fail fast on a bad space file or config
+    check_folder(args.root, "--root")
     uri = resolve_mlflow_uri(args.mlflow_uri, Path(args.root).resolve())
     overrides = parse_set(args.set)
     for key, value in overrides.items():  # the space decides these for every trial

@@ -238,6 +238,20 @@ def check_output(
     return o
 
 
+def check_folder(path: str | Path, flag: str) -> Path:
+    """A folder cicl will create files under (``--run-dir``, ``--root``): a folder if it
+    exists, else creatable (its nearest existing parent a writable folder)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{flag} '{p}' is a file, not a folder. Name a folder.")
+    probe = p.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} '{p}' cannot be written ('{probe}' is not a writable folder).")
+    return p
+
+
 def figure_formats() -> tuple[str, ...]:
     """The suffixes matplotlib can write (``.png``, ``.pdf``, ``.svg``, ...)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
