@@ -194,10 +194,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_section(self, "train")
-        _check(
-            self.min_steps <= self.max_steps,
-            f"train.min_steps ({self.min_steps}) must be <= train.max_steps ({self.max_steps})",
-        )
 
 
 @dataclass(frozen=True)

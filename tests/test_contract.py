@@ -218,7 +218,6 @@ def test_truncated_h5ad_is_one_error(tmp_path, inp, capsys):
         ("train.weight_decay=-1", "train.weight_decay must be >= 0"),  # was a traceback
         ("train.lr=nan", "finite"),
         ("loss.temperature=.inf", "finite"),
-        ("train.min_steps=700", "<= train.max_steps"),
         ("seed=-3", "seed must be >= 0"),
         ("cluster.kmeans_sample=1", ">= 2"),
         ("model.dropout=1", "in [0, 1)"),
