@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
     s = sub.add_parser(
-        "simulate", help="write a synthetic atlas (per-cluster negative binomial) like a real one"
+        "simulate",
+        help="write a synthetic atlas like a real one (fitted negative binomial, or resampled "
+        "real cells)",
     )
     s.add_argument("--like", required=True, help="real .h5ad to fit (counts or log values)")
     s.add_argument("--cells", required=True, help="number of cells to generate")
@@ -211,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-key", default="cell_type", help="obs column with the clusters")
     s.add_argument("--genes", type=int, default=2000, help="keep the N most variable genes")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--mode",
+        default="nb",
+        help="nb (default): a fitted per-type negative binomial; resample: real cells of the "
+        "type, binomially thinned (keeps each type's real structure)",
+    )
+    s.add_argument(
+        "--proportions",
+        default="real",
+        help="type frequencies: real (default, as in --like), equal, or zipf (long tail, "
+        "rarest type 0.2%% of cells)",
+    )
+    s.add_argument(
+        "--order",
+        default="shuffled",
+        help="row order: shuffled (default) or sorted by type (by batch then type with "
+        "--batch-key), as real atlases are stored",
+    )
+    s.add_argument(
+        "--batch-key",
+        default=None,
+        help="obs column of --like: each cell's batch kept in the atlas (and sorted on)",
+    )
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 

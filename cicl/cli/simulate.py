@@ -13,12 +13,14 @@ from cicl.errors import CICLError
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from cicl.data.io import check_output
-    from cicl.data.simulate import simulate
+    from cicl.data.simulate import check_like, check_options, proportions_line, simulate
 
     n = positive_int("--cells", args.cells)
     int_at_least("--genes", str(args.genes), 2)
+    check_options(args.mode, args.proportions, args.order)
     if not Path(args.like).is_file():
         raise CICLError(f"--like '{args.like}' does not exist.")
+    check_like(args.like, args.label_key, args.batch_key)
     out = check_output(args.like, args.out, args.force)
     t0 = time.perf_counter()
     simulate(
@@ -29,8 +31,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         n_genes=args.genes,
         seed=args.seed,
         progress=not args.quiet and sys.stderr.isatty(),
+        mode=args.mode,
+        proportions=args.proportions,
+        order=args.order,
+        batch_key=args.batch_key,
     )
     print(
-        f"wrote {out}: {n} cells, obs['cell_type'] = true cluster ({time.perf_counter() - t0:.1f} s)"
+        f"wrote {out}: {n} cells ({args.mode}, {args.order}), obs['cell_type'] = true cluster "
+        f"({time.perf_counter() - t0:.1f} s)"
     )
+    print(proportions_line(out))
     return 0
