@@ -187,10 +187,9 @@ def ray_runtime_env() -> dict:
     (glibc reads them at process start, so setting them inside a worker is too late).
 
     glibc raises its mmap threshold each time a large block is freed, after which the streamed
-    blocks (4,096 cells x 2,000 genes) come from the heap and fragment it: a 1-thread worker
-    streaming 1 M cells peaked at 3.2-3.5 GB against 1.0 GB at 100 k. A fixed 4 MiB threshold
-    keeps large blocks in mmap, returned on free (1.28 GB at 1 M; benchmarks/scaling.py). A
-    value the user set is kept. Workers pin torch's CPU kernels as the driver does
+    blocks come from the heap and fragment it, so a streaming worker's memory grew with the
+    atlas. A fixed 4 MiB threshold keeps large blocks in mmap, returned on free (measured in
+    docs/benchmarks.md, ``benchmarks/scaling.py``). A value the user set is kept. Workers pin torch's CPU kernels as the driver does
     (``cicl._cpu``): Ray Train imports torch before a worker imports cicl."""
     from cicl._cpu import kernel_env
 

@@ -98,8 +98,8 @@ def choose_matrix(adata: ad.AnnData, layer: str | None = "auto") -> Matrix:
     has that name); another name: that layer. ``"auto"`` (the default): X, unless X holds no
     raw counts and the object keeps them elsewhere (a layer named as in ``COUNT_LAYERS`` or
     containing "count", else ``.raw``), the usual scanpy layout after normalisation. Why: the
-    count decoder needs counts: seven count sets held as log values cluster at 0.698 mean ARI,
-    from their counts at 0.745 (docs/benchmarks.md, ``benchmarks/input_layout.py``)."""
+    count decoder needs counts, and count sets held as log values cluster worse than from their
+    counts (docs/benchmarks.md, ``benchmarks/input_layout.py``)."""
     if layer is None or layer == "X":
         return Matrix(adata, None, "X")
     if layer in adata.layers:
