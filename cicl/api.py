@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -135,7 +136,22 @@ def write_result(
     emb = np.full((n, res.embedding.shape[1]), np.nan, dtype=np.float32)
     emb[mask] = res.embedding
     adata.obsm[embedding_key(key_added)] = emb
-    adata.uns[key_added] = {
+    adata.uns[key_added] = result_uns(res, cfg, prep_info, k, source, seconds, workers, model)
+
+
+def result_uns(
+    res: TrainResult,
+    cfg: CICLConfig,
+    prep_info: dict,
+    k: int,
+    source: str,
+    seconds: float,
+    workers: int = 1,
+    model: dict | None = None,
+) -> dict:
+    """``uns[key_added]``: the config, every preprocessing decision, K and how it was chosen,
+    the centroids, the training record and (``model``) what ``predict`` rebuilds the model from."""
+    uns = {
         **model_uns(cfg, k, source, res.centroids),
         "preprocess": _h5_safe(prep_info),
         "history": pd.DataFrame(res.history).to_dict(orient="list") if res.history else {},
@@ -151,7 +167,8 @@ def write_result(
         "timings": {k: float(v) for k, v in res.timings.items()},
     }
     if model is not None:
-        adata.uns[key_added]["model"] = model
+        uns["model"] = model
+    return uns
 
 
 def metric_uns(metric: dict | None) -> dict:
@@ -204,11 +221,13 @@ def fit_h5ad_stream(
 ) -> dict:
     """Cluster an ``.h5ad`` atlas without loading it: preprocessing is fitted on a random
     sample, training and K-means stream blocks from the file (over Ray Train workers with
-    ``ray_options``, else in this process), and ``out`` is the input file plus
-    ``obs[key_added]``, ``obsm["X_" + key_added]`` and ``uns[key_added]``. ``layer`` picks
+    ``ray_options``, else in this process). ``out`` holds the input's cell names and genes,
+    ``obs[key_added]``, ``obsm["X_" + key_added]`` and ``uns[key_added]``, not the atlas'
+    matrices (the input is untouched; join on the cell names); it is written block by block,
+    so memory does not grow with the atlas beyond the labels. ``layer`` picks
     the matrix as in ``fit`` (CELLxGENE's layout, counts in raw/X, is read from them).
     Returns uns."""
-    from cicl.data.io import annotate_h5ad_copy
+    from cicl.data.io import write_result_file
     from cicl.data.stream import H5adSource
     from cicl.distributed import StreamSetup, fit_ray_stream, model_init
     from cicl.train.stream import train_stream
@@ -227,32 +246,89 @@ def fit_h5ad_stream(
     setup = StreamSetup(
         str(Path(path).resolve()), transform, n, prep.x.shape[1], groups, pca_init, (mean, rms)
     )
-    if ray_options is not None:
-        res = fit_ray_stream(setup, k, cfg, ray_options, progress=progress)
-    else:
-        src = H5adSource(setup.path, 0, n, transform)
-        res = train_stream(
-            src,
-            k,
-            cfg,
-            groups=groups,
-            pca_init=pca_init,
-            pca_stats=(mean, rms),
-            n_genes=prep.x.shape[1],
-            progress=progress,
-        )
-        src.close()
-    info = dict(prep.info, n_cells=int(n))
-    holder = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(res.labels))]))
     workers = ray_options.workers if ray_options is not None else 1
-    seconds = time.perf_counter() - t0
-    model = model_record(res, prep, cfg.preprocess.max_value)
-    write_result(holder, res, cfg, info, k, plan.source, key_added, seconds, workers, model=model)
-    annotate_h5ad_copy(
-        path,
-        out,
-        obs={key_added: holder.obs[key_added].values},
-        obsm={embedding_key(key_added): holder.obsm[embedding_key(key_added)]},
-        uns={key_added: holder.uns[key_added]},
-    )
-    return holder.uns[key_added]
+    with tempfile.TemporaryDirectory(prefix=".cicl-", dir=Path(out).parent) as scratch:
+        if ray_options is not None:
+            res, parts = fit_ray_stream(setup, k, cfg, ray_options, progress=progress)
+        else:
+            blocks = BlockFile(Path(scratch) / "embedding.npy", n)
+            src = H5adSource(setup.path, 0, n, transform)
+            res = train_stream(
+                src,
+                k,
+                cfg,
+                groups=groups,
+                pca_init=pca_init,
+                pca_stats=(mean, rms),
+                n_genes=prep.x.shape[1],
+                progress=progress,
+                on_block=blocks,
+            )
+            src.close()
+            blocks.close()
+            res.labels, parts = blocks.labels, [(0, n, blocks.path)]
+        info = dict(prep.info, n_cells=int(n))
+        model = _streamed_model(res, prep, cfg, parts)
+        seconds = time.perf_counter() - t0
+        uns = result_uns(res, cfg, info, k, plan.source, seconds, workers, model)
+        labels = pd.Categorical.from_codes(res.labels, categories=[str(i) for i in range(k)])
+        write_result_file(path, out, key_added, labels, _h5_safe(uns), parts)
+    return uns
+
+
+MODEL_SAMPLE = 100_000  # cells a streamed model's distance quantiles are computed on
+
+
+def _streamed_model(res: TrainResult, prep, cfg: CICLConfig, parts: list) -> dict:
+    """``model_record`` of a streamed fit: the per-cluster distance quantiles from a seeded
+    sample of ``MODEL_SAMPLE`` cells' embedding rows (every cell when fewer), read chunk by
+    chunk from ``parts``; cluster sizes from every label."""
+    from dataclasses import replace
+
+    from cicl.data.io import npy_rows
+
+    n = len(res.labels)
+    rows = np.arange(n)
+    if n > MODEL_SAMPLE:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(n, MODEL_SAMPLE, replace=False))
+    picked = []
+    for start, stop, path in parts:
+        for a in range(start, stop, 65_536):
+            b = min(a + 65_536, stop)
+            want = rows[(rows >= a) & (rows < b)]
+            if len(want):
+                picked.append(npy_rows(path, a - start, b - start)[want - a])
+    sample = replace(res, labels=res.labels[rows], embedding=np.concatenate(picked))
+    model = model_record(sample, prep, cfg.preprocess.max_value)
+    model["cluster_sizes"] = np.bincount(res.labels, minlength=len(res.centroids))
+    return model
+
+
+class BlockFile:
+    """Receives a streamed fit's final blocks (``train_stream``'s ``on_block``): labels kept in
+    memory (one int per cell), embedding rows written to a ``.npy`` file at their offset, so
+    the embedding is never held whole."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        self.path, self.n = path, n
+        self.labels = np.full(n, -1, dtype=np.int64)
+        self._f = None
+        self._row = 0
+        self._start = 0
+
+    def __call__(self, idx: np.ndarray, labels: np.ndarray, h: np.ndarray) -> None:
+        if self._f is None:
+            self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+            fmt = np.lib.format
+            header = {"descr": fmt.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+            fmt.write_array_header_1_0(self._f, {**header, "shape": (self.n, h.shape[1])})
+            self._start, self._row = self._f.tell(), h.shape[1] * 4
+        if len(idx) and idx[-1] - idx[0] + 1 != len(idx):
+            raise ValueError("streamed blocks must be contiguous row ranges")
+        self.labels[idx] = labels
+        self._f.seek(self._start + int(idx[0]) * self._row)
+        self._f.write(np.ascontiguousarray(h, dtype=np.float32).tobytes())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()

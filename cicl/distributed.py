@@ -503,9 +503,12 @@ class StreamSetup:
 
 def fit_ray_stream(
     setup: StreamSetup, n_clusters: int, cfg: CICLConfig, opts: RayOptions, *, progress: bool
-) -> TrainResult:
-    """Streaming training over Ray Train workers, each reading its own row range of the file;
-    returns labels and embedding of every cell in file order."""
+) -> tuple[TrainResult, list[tuple[int, int, Path]]]:
+    """Streaming training over Ray Train workers, each reading its own rows of the file.
+    Returns the result with every cell's label in file order (its embedding left empty) and
+    where the embedding is: (start, stop, .npy file) per worker, never stitched in memory."""
+    from cicl.data.stream import row_ranges
+
     t0 = time.perf_counter()
     run = prepare_run(opts)
     plan = fit_plan(opts)
@@ -513,25 +516,18 @@ def fit_ray_stream(
         cfg=cfg, k=n_clusters, out_dir=str(run.out_dir), threads=plan.threads, stream=setup
     )
     run_workers(_stream_worker_loop, wc, plan, run, max_failures=opts.max_failures)
-    from cicl.data.stream import row_ranges
-
-    out_dir = run.out_dir
     labels = np.empty(setup.n_cells, dtype=np.int64)
-    emb: np.ndarray | None = None
+    parts = []
     for r, (a, b) in enumerate(row_ranges(setup.n_cells, opts.workers)):
-        lab = np.load(out_dir / f"rank{r}_labels.npy", mmap_mode="r")
-        e = np.load(out_dir / f"rank{r}_embedding.npy", mmap_mode="r")
-        if emb is None:
-            emb = np.empty((setup.n_cells, e.shape[1]), dtype=np.float32)
-        labels[a:b], emb[a:b] = lab, e
-    assert emb is not None
+        labels[a:b] = np.load(run.out_dir / f"rank{r}_labels.npy")
+        parts.append((a, b, run.out_dir / f"rank{r}_embedding.npy"))
     if progress:
         print(
             f"Ray Train (streaming): {opts.workers} workers, run '{run.name}' under {run.storage}"
         )
-    res = load_result(out_dir, labels, emb)
+    res = load_result(run.out_dir, labels, np.zeros((0, 0), np.float32))
     res.seconds = time.perf_counter() - t0
-    return res
+    return res, parts
 
 
 def _stream_worker_loop(wc: WorkerConfig) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from cicl.errors import InputError, InputWarning
@@ -290,3 +291,57 @@ def annotate_h5ad_copy(
                     if k in f[group]:
                         del f[group][k]
                     ad.io.write_elem(f[group], k, v)
+
+
+def npy_rows(path: str | Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a 2-D ``.npy`` file, read with one seek (no memory map: mapped
+    pages would count towards the reader's resident memory)."""
+    with open(path, "rb") as f:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        f.seek(f.tell() + start * row)
+        data = np.fromfile(f, dtype=dtype, count=(stop - start) * row // dtype.itemsize)
+    return data.reshape((stop - start, *shape[1:]))
+
+
+def write_result_file(
+    src: str | Path,
+    out: str | Path,
+    key: str,
+    labels: pd.Categorical,
+    uns: dict,
+    embedding: list[tuple[int, int, Path]],
+    chunk: int = 65_536,
+) -> None:
+    """A streamed fit's result without the atlas' matrices: the input's cell names and genes,
+    ``obs[key]``, ``obsm["X_" + key]`` (copied from ``embedding``: .npy files holding rows
+    [start, stop) each, ``chunk`` rows at a time) and ``uns[key]``; no X. Memory: the labels and
+    one chunk. Cell names are copied from the input dataset to dataset, never loaded."""
+    import h5py
+    from anndata.io import read_elem, write_elem
+
+    with atomic_path(out) as tmp, h5py.File(src, "r") as f_in, h5py.File(tmp, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        index_name = f_in["obs"].attrs["_index"]
+        write_elem(f, "obs", pd.DataFrame({key: labels}, index=pd.RangeIndex(len(labels))))
+        del f["obs"][f["obs"].attrs["_index"]]
+        f_in.copy(f_in["obs"][index_name], f["obs"], name="_index")
+        f["obs"].attrs["_index"] = "_index"
+        write_elem(f, "var", read_elem(f_in["var"]))
+        write_elem(f, "uns", {key: uns})
+        write_elem(f, "obsm", {})
+        d = int(npy_rows(embedding[0][2], 0, 0).shape[1])
+        ds = f["obsm"].create_dataset(
+            f"X_{key}",
+            shape=(len(labels), d),
+            dtype=np.float32,
+            chunks=(max(1, min(chunk, 4096, len(labels))), d),
+        )
+        ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        for start, stop, path in embedding:
+            for a in range(start, stop, chunk):
+                b = min(a + chunk, stop)
+                ds[a:b] = npy_rows(path, a - start, b - start)
