@@ -143,3 +143,129 @@ def test_every_builtin_space_passes_the_checks():
         assert load_space(name).params, name
     with pytest.raises(CICLError, match="not found"):
         load_space("no_such_space")
+
+
+# --- a tracking server that goes away (the parts a real sweep needs no Ray to show) ---
+
+
+@pytest.fixture
+def dead_uri():
+    """A tracking URI nothing answers at (a port bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def live_uri():
+    """A tracking URI whose /health answers 200 (a server that is up)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_trial_failing_while_the_server_is_gone_reports_tracking_lost(dead_uri, live_uri):
+    """Whatever a trial's failing MLflow call raised, the trial fails with ``TrackingLost``
+    when the server does not answer; with the server up, or a store on disk, the error is
+    left as it was (a bug stays a bug)."""
+    from cicl.sweep import TrackingLost, tracking_guard
+
+    with pytest.raises(TrackingLost, match=f"server at {dead_uri} stopped answering") as got:
+        with tracking_guard(dead_uri):
+            raise ConnectionError("Max retries exceeded")
+    assert isinstance(got.value.__cause__, ConnectionError)
+    for uri in (live_uri, "sqlite:////tmp/none/mlflow.db"):
+        with pytest.raises(ZeroDivisionError), tracking_guard(uri):
+            raise ZeroDivisionError
+    with tracking_guard(dead_uri):  # no failure: nothing asked of the server
+        pass
+
+
+def test_the_driver_knows_a_trial_failed_on_the_tracking_server(tmp_path):
+    """Read from Tune's error file of the trial: its latest failure only (an earlier one, from
+    before a resume, does not count)."""
+    from types import SimpleNamespace
+
+    from cicl.sweep.tuner import _failed_on_tracking
+
+    err = tmp_path / "error.txt"
+    trial = SimpleNamespace(error_file=str(err))
+    assert not _failed_on_tracking(trial)  # no error file yet
+    assert not _failed_on_tracking(SimpleNamespace(error_file=None))
+    err.write_text("Failure # 1 (occurred at x)\nray::ImplicitFunc.train()\nZeroDivisionError\n")
+    assert not _failed_on_tracking(trial)
+    lost = "Failure # 2 (occurred at y)\ncicl.sweep.trial.TrackingLost: the MLflow ...\n"
+    err.write_text(err.read_text() + lost)
+    assert _failed_on_tracking(trial)
+    err.write_text(err.read_text() + "Failure # 3 (occurred at z)\nValueError: bug\n")
+    assert not _failed_on_tracking(trial)
+
+
+def test_stopping_tune_outside_a_sweep_does_nothing():
+    """Tune is stopped through the handler it installs while it runs; without one (no sweep
+    running, or one in another thread) nothing is signalled (SIGUSR1's default would kill
+    the process)."""
+    import signal
+
+    from cicl.sweep.tuner import _stop_tune
+
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert _stop_tune() is False
+
+
+def test_tunes_own_report_of_a_lost_trial_is_not_shown(caplog):
+    """Tune logs a failed trial with its traceback and, once stopped, that trials did not
+    complete and how to call Tuner.restore: dropped for a tracking loss (the sweep's one
+    error line says what to do), kept for any other error."""
+    import logging
+    import threading
+
+    from cicl.sweep import TrackingLost
+    from cicl.sweep.console import quiet_lost_trials
+
+    log = logging.getLogger("ray.tune.execution.tune_controller")
+    lost = threading.Event()
+    with caplog.at_level(logging.INFO), quiet_lost_trials(lost):
+        for exc in (TrackingLost("gone"), ValueError("a bug")):
+            try:
+                raise exc
+            except Exception as e:  # noqa: BLE001
+                log.error("Trial task failed for trial t", exc_info=e)
+        lost.set()
+        logging.getLogger("ray.tune.tune").error("Trials did not complete: [t]")
+    kept = [r.exc_info[1] for r in caplog.records]
+    assert len(kept) == 1 and isinstance(kept[0], ValueError)
+    log.error("after the sweep")  # the filter is gone with the sweep
+    assert caplog.records[-1].getMessage() == "after the sweep"
+
+
+def test_a_server_gone_before_the_trials_start_nothing(dead_uri, tmp_path, monkeypatch):
+    """The driver's own first MLflow call meets the dead server: one error that says nothing
+    was run (there is nothing to resume), and Ray is never started."""
+    import numpy as np
+
+    import cicl.sweep.tuner as tuner
+    from cicl.config import CICLConfig
+    from cicl.sweep import SweepOptions, TrackingLost, run_sweep
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once
+    monkeypatch.setattr(tuner, "ensure_ray", lambda *a: pytest.fail("Ray started"))
+    x = np.zeros((20, 4), np.float32)
+    opts = SweepOptions(trials=2, space="small", mlflow_uri=dead_uri, root=str(tmp_path))
+    with pytest.raises(TrackingLost, match="before the sweep started; nothing was run"):
+        run_sweep(x, x, 3, CICLConfig(), opts)
