@@ -216,16 +216,30 @@ def test_the_driver_knows_a_trial_failed_on_the_tracking_server(tmp_path):
     assert not _failed_on_tracking(trial)
 
 
-def test_stopping_tune_outside_a_sweep_does_nothing():
-    """Tune is stopped through the handler it installs while it runs; without one (no sweep
-    running, or one in another thread) nothing is signalled (SIGUSR1's default would kill
-    the process)."""
+def test_tune_is_stopped_through_its_own_handler_only():
+    """Tune is stopped through the handler it installs for SIGUSR1 while it runs; with another
+    handler or none (no sweep running, or one in another thread) nothing is called or
+    signalled (SIGUSR1's default would kill the process)."""
     import signal
 
     from cicl.sweep.tuner import _stop_tune
 
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
-    assert _stop_tune() is False
+    calls = []
+
+    def tunes(sig, frame):
+        calls.append(sig)
+
+    tunes.__module__ = "ray.tune.tune"  # where Tune's handler comes from
+    before = signal.getsignal(signal.SIGUSR1)  # an earlier sweep's in this process, maybe
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        assert _stop_tune() is False
+        signal.signal(signal.SIGUSR1, lambda sig, frame: calls.append("other"))
+        assert _stop_tune() is False and not calls
+        signal.signal(signal.SIGUSR1, tunes)
+        assert _stop_tune() is True and calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
 
 
 def test_tunes_own_report_of_a_lost_trial_is_not_shown(caplog):
