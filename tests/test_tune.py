@@ -3,6 +3,7 @@ the runs, params, metrics and artifacts it leaves; `cicl runs`; Ctrl-C and --res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -78,13 +79,13 @@ EXP = "s3"
 FEW_RESTARTS = ["--set", "cluster.final_n_init=4"]
 
 
-def _tune_args(data_dir: Path, root: Path) -> list[str]:
+def _tune_args(data_dir: Path, root: Path, trials: int = 3) -> list[str]:
     """A 3-trial sweep of the small space on biase, one trial at a time."""
     return [
         "tune",
         str(data_dir / "biase.h5ad"),
         "--trials",
-        "3",
+        str(trials),
         "--space",
         "small",
         "--label-key",
@@ -517,3 +518,102 @@ def test_sweep_output_drops_only_rays_fractional_cpu_warning():
             return True
 
     assert DropNoise(Terminal()).isatty() and not out.isatty()  # asked of the sink
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """An MLflow tracking server on ``folder``'s store, in its own process group (it starts
+    workers of its own), once it answers."""
+    from cicl.tracking import http_status
+
+    folder.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", str(folder / "artifacts")]
+    log = open(folder / "server.log", "a")  # noqa: SIM115 - the server's, closed with it
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=log, cwd=folder, start_new_session=True, env=os.environ.copy()
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if http_status(f"http://127.0.0.1:{port}/health", 2) == 200:
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    _stop_server(proc)
+    pytest.fail(f"MLflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    """The server and every process it started, gone at once (as when its machine dies)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.benchmark  # two sweeps and two servers started: minutes on a loaded 2-core box
+def test_a_sweep_whose_tracking_server_goes_away_stops_and_resumes(data_dir, tmp_path):
+    """The tracking server dies after the first of two trials finished: the sweep ends with one
+    error line (exit 2) that says so and gives the --resume command, keeping Tune's state and
+    the finished trial's folder; resumed with a server back on the same store, it runs the
+    second trial only (the first trial's run is not written again) and finishes."""
+    from ray import tune
+
+    root, store = tmp_path / "root", tmp_path / "server"
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(store, port)
+    try:
+        args = [sys.executable, "-m", "cicl.cli", *_tune_args(data_dir, root, trials=2)]
+        t0 = time.time()
+        proc = _start([*args, "--mlflow-uri", uri])
+        first = None
+        while first is None and proc.poll() is None and time.time() < t0 + 600:
+            time.sleep(1)
+            with contextlib.suppress(Exception):  # experiment not there yet
+                exp = mlflow_client(uri).get_experiment_by_name(EXP)
+                done = mlflow_client(uri).search_runs(
+                    [exp.experiment_id], "attributes.status = 'FINISHED'"
+                )
+                first = next(r for r in done if "mlflow.parentRunId" in r.data.tags)
+        assert first is not None, proc.communicate(timeout=60)[1][-3000:]
+        _stop_server(server)
+        # the server comes back on the same store (on another port: no wait for this one's)
+        # while the sweep finds it gone
+        port = _free_port()
+        server = _mlflow_server(store, port)
+        _, err = proc.communicate(timeout=300)
+        stopped_s = time.time() - t0
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, err[-3000:]
+        assert lines[-1].startswith(f"error: The MLflow tracking server at {uri} stopped"), err
+        assert "after 1 of 2 trials finished" in lines[-1]
+        assert f"cicl tune ... --resume --experiment {EXP}" in lines[-1]
+        assert "Traceback" not in err and "Tuner.restore" not in err, err[-3000:]
+        sweep = root / "tune" / EXP
+        assert tune.Tuner.can_restore(str(sweep / "tuner"))
+        trial = sweep / "trials" / f"trial_id={first.data.tags['cicl.trial_id']}"
+        assert (trial / "labels.npy").exists()
+
+        uri = f"http://127.0.0.1:{port}"
+        resumed = subprocess.run(
+            [*args, "--mlflow-uri", uri, "--resume"], capture_output=True, text=True, timeout=600
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        c = mlflow_client(uri)
+        runs = c.search_runs([first.info.experiment_id])
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(children) == 2 and len({r.data.tags["cicl.trial_id"] for r in children}) == 2
+        assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+        assert c.get_run(first.info.run_id).info.end_time == first.info.end_time  # not rerun
+        print(f"stopped after {stopped_s:.0f} s, resumed in {time.time() - t0 - stopped_s:.0f} s")
+    finally:
+        _stop_server(server)

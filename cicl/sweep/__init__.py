@@ -29,7 +29,14 @@ from cicl.sweep.spaces import (
     trial_config,
     tune_space,
 )
-from cicl.sweep.trial import SweepSetup, finished_result, run_trial
+from cicl.sweep.trial import (
+    SweepSetup,
+    TrackingLost,
+    finished_result,
+    run_trial,
+    server_gone,
+    tracking_guard,
+)
 from cicl.sweep.tuner import (
     SweepInterrupted,
     SweepOptions,
@@ -47,6 +54,7 @@ __all__ = [
     "SweepOptions",
     "SweepResult",
     "SweepSetup",
+    "TrackingLost",
     "base_point",
     "builtin_spaces",
     "close_orphans",
@@ -56,7 +64,9 @@ __all__ = [
     "max_rounds",
     "run_sweep",
     "run_trial",
+    "server_gone",
     "spaces_dir",
     "trial_config",
+    "tracking_guard",
     "tune_space",
 ]

@@ -72,6 +72,33 @@ def quiet_tune(quiet: bool):
             os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
+@contextlib.contextmanager
+def quiet_lost_trials(lost):
+    """While a sweep runs: no traceback from Tune for a trial that failed because the tracking
+    server stopped answering (``TrackingLost``), and none of Tune's closing lines once the
+    sweep was stopped for it (``lost`` set: "Trials did not complete", "Resume experiment
+    with: Tuner.restore(...)"); the driver's one error line says what happened and what to do.
+    Other trial errors are shown as before."""
+    import logging
+
+    class DropLost(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            # Tune's RayTaskError carries the trial's traceback text, TrackingLost's name in it
+            text = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+            return not (lost.is_set() or "TrackingLost" in text)
+
+    drop = DropLost()
+    logs = [logging.getLogger(n) for n in ("ray.tune.tune", "ray.tune.execution.tune_controller")]
+    for log in logs:
+        log.addFilter(drop)
+    try:
+        yield
+    finally:
+        for log in logs:
+            log.removeFilter(drop)
+
+
 def trial_bar(total: int):
     """A Tune callback drawing one progress bar over trials on the driver: finished trials
     (ASHA-stopped and errored ones count as done) and the best final objective. Replaces Tune's

@@ -5,6 +5,8 @@ trial's MLflow run; then scores the final labels and logs the trial's artifacts.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,54 @@ import numpy as np
 
 from cicl.config import CICLConfig
 from cicl.distributed import RayRun, WorkerPlan, train_sharded
+from cicl.errors import CICLError
 from cicl.objective import score_labels, truth_scores
 from cicl.sweep.artifacts import trial_artifacts
 from cicl.sweep.spaces import Space, trial_config
-from cicl.tracking import find_or_create_run, log_metrics, log_params, mlflow_client
+from cicl.tracking import (
+    check_server,
+    find_or_create_run,
+    log_metrics,
+    log_params,
+    mlflow_client,
+)
+
+
+class TrackingLost(CICLError):
+    """The MLflow tracking server stopped answering during a sweep. A trial raises it (Tune
+    records it as the trial's error, which the driver looks for); the driver raises it to the
+    user with the ``--resume`` command."""
+
+
+def server_gone(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server that no longer answers (a store on disk is never
+    gone this way). Asked only after a failure: one GET of its health page."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        check_server(uri)
+    except CICLError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def tracking_guard(uri: str) -> Iterator[None]:
+    """A failure inside the block while the tracking server does not answer becomes
+    ``TrackingLost``: whichever MLflow call met the dead server (a search, a metric logged
+    by the Train controller's callback, an artifact upload), the driver sees one kind of
+    error and stops the sweep instead of failing every remaining trial the same way."""
+    try:
+        yield
+    except TrackingLost:
+        raise
+    except Exception as exc:
+        if server_gone(uri):
+            raise TrackingLost(
+                f"the MLflow tracking server at {uri} stopped answering "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            ) from exc
+        raise
 
 
 @dataclass
@@ -74,6 +120,11 @@ def finished_result(client, run_id: str) -> dict[str, float] | None:
 
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     """Tune function trainable: one Ray Train run of CICL with this trial's params."""
+    with tracking_guard(setup.mlflow_uri):
+        _run_trial(config, setup)
+
+
+def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback

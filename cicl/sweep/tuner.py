@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from cicl._logging import quieted
 from cicl.config import CICLConfig
 from cicl.distributed import ensure_ray, load_result, plan_workers
 from cicl.errors import CICLError
 from cicl.objective import SUPERVISED, resolve
 from cicl.sweep.artifacts import sweep_artifacts
-from cicl.sweep.console import DropNoise, quiet_tune, trial_bar
+from cicl.sweep.console import DropNoise, quiet_lost_trials, quiet_tune, trial_bar
 from cicl.sweep.spaces import Space, base_point, load_space, max_rounds, trial_config, tune_space
-from cicl.sweep.trial import SweepSetup, run_trial
+from cicl.sweep.trial import SweepSetup, TrackingLost, run_trial, server_gone
 from cicl.tracking import (
     child_runs,
     default_mlflow_uri,
@@ -87,11 +89,12 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or ``resume``) a sweep; returns the best trial by the objective. With
     ``model_base`` (``reference.prep_record`` of the preprocessing), every finished trial logs
-    its model as ``reference.h5ad``."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    its model as ``reference.h5ad``.
+
+    A tracking server that stops answering ends the sweep with ``TrackingLost``: Tune's state
+    and the finished trials' folders are kept, and the message gives the ``--resume`` command
+    (finished trials are not run again)."""
+    import dataclasses
 
     objective = resolve(opts.objective)
     if objective in SUPERVISED and truth is None:
@@ -101,6 +104,56 @@ def run_sweep(
     sweeps = root / "tune"
     sweeps.mkdir(parents=True, exist_ok=True)
     experiment = opts.experiment or _experiment_name(sweeps, name_hint, opts.resume)
+    opts = dataclasses.replace(opts, experiment=experiment, objective=objective)
+    uri = opts.mlflow_uri or default_mlflow_uri(root)
+    try:
+        return _run_sweep(x, pcs, k_est, base, opts, space, truth, label_key, model_base, counts)
+    except CICLError:
+        raise
+    except Exception:  # a driver-side MLflow call: before the trials, or closing the sweep
+        if not server_gone(uri):
+            raise
+        raise TrackingLost(lost_message(uri, opts, None)) from None
+
+
+def lost_message(uri: str, opts: SweepOptions, finished: int | None) -> str:
+    """What the user reads when the tracking server went away: what is kept, how to go on."""
+    name = opts.experiment
+    path = Path(opts.root).resolve() / "tune" / name
+    if not (path / "tuner").exists():  # Tune never started: there is nothing to resume
+        return (
+            f"The MLflow tracking server at {uri} stopped answering before the sweep started; "
+            "nothing was run. Start the server again and rerun the command."
+        )
+    done = "" if finished is None else f" after {finished} of {opts.trials} trials finished"
+    return (
+        f"The MLflow tracking server at {uri} stopped answering; sweep '{name}' stopped{done}. "
+        f"Its state and finished trials are kept under {path}. Once the server answers again, "
+        f"continue with: cicl tune ... --resume --experiment {name} "
+        "(finished trials are not run again)"
+    )
+
+
+def _run_sweep(
+    x: np.ndarray,
+    pcs: np.ndarray,
+    k_est: int,
+    base: CICLConfig,
+    opts: SweepOptions,  # its experiment named, its objective resolved
+    space: Space,
+    truth: np.ndarray | None,
+    label_key: str | None,
+    model_base: dict | None,
+    counts: np.ndarray | None,
+) -> SweepResult:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    objective, experiment = opts.objective, str(opts.experiment)
+    root = Path(opts.root).resolve()
+    sweeps = root / "tune"
     path = sweeps / experiment
     if opts.resume and not path.exists():
         raise CICLError(f"No sweep '{experiment}' to resume under {sweeps}.")
@@ -169,10 +222,13 @@ def run_sweep(
         else FIFOScheduler()
     )
     tuner_path = str(path / "tuner")
+    watch = tracking_watch()
+    LOST.clear()
     if opts.resume and tune.Tuner.can_restore(tuner_path):
         tuner = tune.Tuner.restore(
             tuner_path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
+        # it runs the callbacks saved with the sweep: their TrackingWatch sets LOST all the same
     else:
         tuner = tune.Tuner(
             trainable,
@@ -193,7 +249,7 @@ def run_sweep(
                 storage_path=str(path),
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=None if opts.tune_tables else 0,  # None: Tune's default tables
-                callbacks=[trial_bar(opts.trials)] if opts.progress else None,
+                callbacks=[*([trial_bar(opts.trials)] if opts.progress else []), watch],
             ),
         )
     # Tune prints its experiment box and results path to stdout whatever the verbosity: send
@@ -202,9 +258,17 @@ def run_sweep(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
-    with contextlib.redirect_stdout(DropNoise(sys.stderr)), quiet_tune(not opts.tune_tables):
+    with (
+        contextlib.redirect_stdout(DropNoise(sys.stderr)),
+        quiet_tune(not opts.tune_tables),
+        quiet_lost_trials(LOST),
+    ):
         grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < opts.trials:  # Ctrl-C: Tune saved its state
+    stopped = grid.num_terminated + grid.num_errors < opts.trials  # Tune saved its state
+    if LOST.is_set() or ((stopped or grid.num_errors) and server_gone(uri)):
+        finished = sum(bool((r.metrics or {}).get("final")) for r in grid)
+        raise TrackingLost(lost_message(uri, opts, finished))
+    if stopped:  # Ctrl-C
         trials = [{"trial_id": (r.metrics or {}).get("trial_id"), "error": r.error} for r in grid]
         close_orphans(setup, trials)
         mlflow_client(uri).set_terminated(parent, "KILLED")
@@ -217,6 +281,60 @@ def run_sweep(
 
 class SweepInterrupted(CICLError):
     """The sweep stopped early (Ctrl-C); its state is saved for ``--resume``."""
+
+
+# Set while a sweep runs once a trial failed on the tracking server. Module state, not the
+# callback's: a resumed Tuner runs the callbacks saved with the sweep (copies), not new ones.
+LOST = threading.Event()
+
+
+def tracking_watch():
+    """A Tune callback that stops the sweep the first time a trial fails with
+    ``TrackingLost`` (``LOST`` then says so). Every later trial would fail the same way, each
+    after MLflow's timeouts and a retry; so Tune is stopped as Ctrl-C stops it: its state
+    saved with the running and failed trials unfinished, which ``--resume`` runs again."""
+    from ray import tune
+
+    class TrackingWatch(tune.Callback):
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            _on_trial_failure(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            _on_trial_failure(trial)
+
+    return TrackingWatch()
+
+
+def _on_trial_failure(trial) -> None:
+    if not LOST.is_set() and _failed_on_tracking(trial):
+        LOST.set()
+        _stop_tune()
+
+
+def _failed_on_tracking(trial) -> bool:
+    """Whether the trial's latest failure (the last one in Tune's error file) was
+    ``TrackingLost``."""
+    try:
+        text = Path(trial.error_file).read_text()
+    except (TypeError, OSError):  # no error file
+        return False
+    return TrackingLost.__name__ in text.rpartition("Failure #")[2]
+
+
+def _stop_tune() -> bool:
+    """Stop the running ``Tuner.fit`` the way Ctrl-C does, through the handler Tune installs
+    for SIGUSR1 while it runs (in the main thread): the loop ends, the state is saved, the
+    trials are stopped. Returns False where no such handler is installed; the remaining
+    trials then fail one by one and the sweep ends all the same."""
+    import logging
+    import signal
+
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not callable(handler) or not getattr(handler, "__module__", "").startswith("ray.tune"):
+        return False
+    with quieted("ray.tune.tune", logging.ERROR):  # "Stop signal received (e.g. via SIGINT)"
+        handler(signal.SIGUSR1, None)
+    return True
 
 
 def _experiment_name(sweeps: Path, hint: str, resume: bool) -> str:
