@@ -94,8 +94,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         model_base=prep_record(prep, base.preprocess.max_value),
         counts=prep.counts,
     )
-    table, _ = runs_table(res.mlflow_uri, res.experiment, None)
-    print(table.to_string(index=False), file=sys.stderr)
     summary = {
         "experiment": res.experiment,
         "best_params": {
@@ -129,6 +127,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
         write_h5ad_atomic(adata, out)
         summary["output"] = str(out)
+    try:  # after the output: a tracking server gone now costs the table, not the result
+        table, _ = runs_table(res.mlflow_uri, res.experiment, None)
+        print(table.to_string(index=False), file=sys.stderr)
+    except Exception:  # noqa: BLE001 - any MLflow/HTTP error: one line
+        print(f"warning: could not list the runs at {res.mlflow_uri}", file=sys.stderr)
     print(
         "best: "
         + ", ".join(f"{k}={short_param(v)}" for k, v in summary["best_params"].items())
