@@ -23,7 +23,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from cicl.cluster.kmeans import KMeansResult, fit_labels, kmeans, lloyd, split_minorities
 from cicl.cluster.mixture import FullMetric, Metric, TiedMetric, refine_full, refine_tied
-from cicl.cluster.ward import ward_labels, ward_seeds
+from cicl.cluster.ward import ward_seeds
 from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
@@ -505,18 +505,8 @@ def train(
 
     sync_norm_stats(model, comm)
     h = space(embed(model, xt))
-    metric = None
-    if cfg.cluster.final == "kmeans":
-        final, metric = final_partition(h, n_clusters, cfg, n, comm)
-        labels, cents = final.labels, final.centroids
-    elif cfg.cluster.final == "ward":
-        if comm.world > 1:
-            raise ValueError("cluster.final='ward' needs all cells in one process")
-        labels = ward_labels(h, n_clusters, seed=cfg.seed)
-        cents = torch.stack([h[labels == c].mean(0) for c in range(n_clusters)])
-    else:
-        labels = student_t(h, km.centroids, cfg.cluster.alpha).argmax(1)
-        cents = km.centroids
+    final, metric = final_partition(h, n_clusters, cfg, n, comm)
+    labels, cents = final.labels, final.centroids
     return TrainResult(
         embedding=h.cpu().numpy(),
         labels=labels.cpu().numpy(),
