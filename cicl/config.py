@@ -57,13 +57,10 @@ class ModelConfig:
     ffn_dim: int = 128
     dropout: float = 0.1
     embed_dim: int = 32
-    cell_token: bool = False  # CLS token += linear read-out of the whole profile (3-seed
-    # benchmark: mean ARI 0.643 with it vs 0.651 without, goolam 0.68 vs 0.97; see README)
     # embedding read-out: "cls" = the CLS token after attention; "tokens" = a linear map of
     # every module token after attention (no pooling bottleneck; attention still mixes modules)
     readout: Literal["cls", "tokens"] = "cls"
     pca_residual: bool = False  # h = PCA(x) + Transformer(x); Transformer branch starts small
-    residual_init: float = 0.1  # initial scale of the Transformer branch's output layer
     # reference (official code): residual MLP blocks at width G, embedding dim = G
     ref_layers: int = 4
     ref_hidden: int = 1024
@@ -160,8 +157,6 @@ class ClusterConfig:
     kmeans_sample: int = 50_000  # streaming: K-means fitted on this many cells, all assigned
     max_iter: int = 100
     pseudo_label_mode: Literal["eval", "train"] = "eval"  # "train" = dropout on (code)
-    final: Literal["kmeans", "ward", "head"] = "kmeans"  # final labels: K-means / Ward on the
-    # clustering space, or argmax of the Student's t head
     # the final K-means partition refined as a Gaussian mixture (classification EM, equal
     # proportions; cicl.cluster.mixture). "tied": one shared covariance (Ledoit-Wolf shrunk): a
     # population stretched along a nuisance direction (depth) is not cut across it, and with
@@ -333,9 +328,24 @@ def _valid_keys() -> list[str]:
     return list(CICLConfig().flat())
 
 
+# options since removed, each with the one value that meant what the code now always does: a
+# config saved before (a YAML file, a fitted model's params) that names one still loads
+REMOVED = {"model.cell_token": False, "model.residual_init": 0.1, "cluster.final": "kmeans"}
+
+
+def _drop_removed(overrides: dict[str, Any]) -> None:
+    """Drop removed keys that ask for what the code does anyway; refuse those that do not."""
+    for key in [k for k in overrides if k in REMOVED]:
+        value, kept = overrides.pop(key), REMOVED[key]
+        if value != kept:
+            raise ConfigError(f"{key} was removed: only {kept!r} is left (got {value!r}).")
+
+
 def with_overrides(cfg: CICLConfig, overrides: dict[str, Any]) -> CICLConfig:
-    """Return a copy of ``cfg`` with dotted-key overrides applied; unknown keys are refused."""
+    """Return a copy of ``cfg`` with dotted-key overrides applied; unknown keys are refused,
+    removed ones dropped when they hold what the code does now (``REMOVED``)."""
     overrides = dict(overrides)
+    _drop_removed(overrides)
     if "preset" in overrides:
         cfg = preset(str(overrides.pop("preset")))
     valid = _valid_keys()
@@ -457,7 +467,6 @@ def preset(name: str) -> CICLConfig:
             cluster=ClusterConfig(
                 recluster_every=None,
                 pseudo_label_mode="train",
-                final="kmeans",
                 space="euclidean",
                 ward_start=False,
                 cap_k="off",

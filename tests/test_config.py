@@ -73,3 +73,38 @@ def test_a_misspelt_choice_in_a_space_fails_its_trial_config():
     space = Space("t", {"cluster.metric": {"type": "choice", "values": ["full", "eucldean"]}}, {})
     with pytest.raises(ConfigError, match="metric"):
         trial_config(CICLConfig(), space, {"cluster.metric": "eucldean"})
+
+
+def test_removed_options_are_refused_but_old_configs_with_their_defaults_still_load(tmp_path):
+    """``cluster.final``, ``model.cell_token`` and ``model.residual_init`` are gone: asking for
+    what they did (a Ward or head final step) is an error naming the key, while a config saved
+    before (YAML, or a fitted model's params) holding their old defaults loads as today's."""
+    import dataclasses
+
+    flat = CICLConfig().flat()
+    assert not {"cluster.final", "model.cell_token", "model.residual_init"} & set(flat)
+    for key, value in (
+        ("cluster.final", "ward"),
+        ("cluster.final", "head"),
+        ("model.cell_token", True),
+        ("model.residual_init", 0.5),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            CICLConfig().with_overrides({key: value})
+    old = CICLConfig().with_overrides({"seed": 5}).to_dict()
+    old["cluster"]["final"] = "kmeans"
+    old["model"] |= {"cell_token": False, "residual_init": 0.1}
+    assert CICLConfig.from_dict(old) == CICLConfig(seed=5)
+    p = tmp_path / "old.yaml"
+    p.write_text("preset: reference\ncluster:\n  final: kmeans\nmodel:\n  cell_token: false\n")
+    assert load_config(p) == preset("reference")
+    p.write_text("cluster:\n  final: ward\n")
+    with pytest.raises(ConfigError, match=r"cluster\.final"):
+        load_config(p)
+    # a fitted model's params after an h5ad round trip: numpy scalars
+    import numpy as np
+
+    stored = dataclasses.asdict(CICLConfig())
+    stored["model"] |= {"cell_token": np.bool_(False), "residual_init": np.float64(0.1)}
+    stored["cluster"]["final"] = np.str_("kmeans")
+    assert CICLConfig.from_dict(stored) == CICLConfig()

@@ -41,9 +41,7 @@ def test_transformer_attention_is_live():
 
 
 def test_transformer_output_depends_on_other_modules_through_attention():
-    cfg = ModelConfig(
-        n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0, cell_token=False
-    )
+    cfg = ModelConfig(n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0)
     enc = GeneModuleTransformer(40, _groups(), cfg).eval()
     x = torch.randn(4, 40)
     y0 = enc(x)

@@ -49,25 +49,23 @@ def weighted_ward(centroids: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarra
 
 def _micro_ward(
     x: torch.Tensor, k: int, n_micro: int, seed: int, comm: Comm
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ward on the cells themselves (up to ``n_micro`` in one process) or on ``n_micro``
     weighted K-means micro-clusters (more cells; sharded, at most half the cells, and every
-    rank gets the same groups). Returns the points merged (m, d, float64), their sizes, each
-    cell's point and each point's group (each point its own when m <= k)."""
+    rank gets the same groups). Returns the points merged (m, d, float64), their sizes and
+    each point's group (each point its own when m <= k)."""
     n = int(comm.sum(torch.tensor(x.shape[0], dtype=torch.long)))
     if comm.world == 1 and n <= n_micro:
         cents = x.double()
         sizes = torch.ones(n, dtype=torch.float64, device=x.device)
-        lab = torch.arange(n, device=x.device)
     else:
         m = n_micro if comm.world == 1 else min(n_micro, max(k, n // 2))
         res = kmeans(x, m, n_init=1, max_iter=20, seed=seed, comm=comm)
         sizes = comm.sum(torch.bincount(res.labels, minlength=m).to(torch.float64))
         keep = sizes > 0
-        remap = torch.cumsum(keep.long(), 0) - 1
-        cents, sizes, lab = res.centroids[keep].double(), sizes[keep], remap[res.labels]
+        cents, sizes = res.centroids[keep].double(), sizes[keep]
     groups = weighted_ward(cents.cpu().numpy(), sizes.cpu().numpy(), k)
-    return cents, sizes.to(x.device), lab, torch.as_tensor(groups, device=x.device)
+    return cents, sizes.to(x.device), torch.as_tensor(groups, device=x.device)
 
 
 def ward_seeds(
@@ -78,18 +76,10 @@ def ward_seeds(
     k-means++ restarts sample centres in proportion to squared distance, so on imbalanced data
     they keep spending a spare centre on a large class; Ward merges bottom-up and seeds the
     small classes. None when there are too few distinct micro-clusters for ``k`` groups."""
-    cents, sizes, _, groups = _micro_ward(x, k, n_micro, seed, comm)
+    cents, sizes, groups = _micro_ward(x, k, n_micro, seed, comm)
     if cents.shape[0] <= k:
         return None
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
     sums.index_add_(0, groups, cents * sizes[:, None])
     counts = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, groups, sizes)
     return (sums / counts[:, None]).to(x.dtype)
-
-
-def ward_labels(
-    x: torch.Tensor, k: int, *, n_micro: int = 1000, seed: int = 0, comm: Comm = LOCAL
-) -> torch.Tensor:
-    """Cluster labels of ``x`` into ``k`` groups: micro-cluster K-means, then weighted Ward."""
-    _, _, lab, groups = _micro_ward(x, k, n_micro, seed, comm)
-    return groups[lab]

@@ -54,11 +54,15 @@ def balanced_gene_groups(loadings: np.ndarray, n_groups: int, seed: int = 0) -> 
     return idx
 
 
+RESIDUAL_INIT = 0.1  # the PCA residual branch's output layer starts at this scale
+
+
 def pca_skip(
     n_genes: int, cfg: ModelConfig, pca_init: tuple[np.ndarray, np.ndarray] | None, out: nn.Linear
 ) -> nn.Linear | None:
     """Optional PCA residual path (``model.pca_residual``): h = PCA(x) + branch(x), with the
-    branch's output layer ``out`` shrunk so training starts near the PCA embedding."""
+    branch's output layer ``out`` shrunk (``RESIDUAL_INIT``) so training starts near the PCA
+    embedding."""
     if pca_init is None:
         return None
     w, b = pca_init
@@ -66,7 +70,7 @@ def pca_skip(
     with torch.no_grad():
         skip.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         skip.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
-        out.weight.mul_(cfg.residual_init)
+        out.weight.mul_(RESIDUAL_INIT)
         out.bias.zero_()
     return skip
 
@@ -85,9 +89,6 @@ class GeneModuleTransformer(nn.Module):
         self.tok_w = nn.Parameter(torch.randn(t, s, cfg.d_model) / np.sqrt(s))
         self.tok_b = nn.Parameter(torch.zeros(t, cfg.d_model))  # module identity embedding
         nn.init.normal_(self.tok_b, std=0.02)
-        # the cell token starts from a linear read-out of the whole profile and then attends to
-        # the module tokens (the learned constant CLS of ViT/BERT had no cell-level input)
-        self.cell_token = nn.Linear(n_genes, cfg.d_model) if cfg.cell_token else None
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         layer = nn.TransformerEncoderLayer(
             cfg.d_model,
@@ -114,8 +115,6 @@ class GeneModuleTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tok = self.tokens(x)
         cls = self.cls.expand(x.shape[0], -1, -1)
-        if self.cell_token is not None:
-            cls = cls + self.cell_token(x)[:, None, :]
         h = torch.cat([cls, tok], dim=1)
         h = self.norm(self.blocks(h))
         h = h[:, 1:].flatten(1) if self.readout == "tokens" else h[:, 0]

@@ -1,4 +1,5 @@
-"""CICL for atlases that do not fit in memory: the same step, fed block by block from disk.
+"""CICL for atlases that do not fit in memory: the training plan (``cicl.train.plan``) fed
+block by block from disk.
 
 A ``Source`` hands out (scaled expression, PCA scores) for any sorted set of this rank's cells;
 nothing else about the storage is known here. Per epoch the rank visits its cells in shuffled
@@ -6,12 +7,12 @@ blocks of ``train.block_size``; neighbour mixing uses the nearest neighbours wit
 (in PCA space), and minibatches are drawn from the block. A reclustering round fits K-means
 (distributed, all ranks) on a fixed random sample of ``cluster.kmeans_sample`` cells, then
 streams every cell through the Student's t head for its pseudo-label. Memory per rank is one
-block, the K-means sample's embedding and one label + confidence per own cell.
+block, the K-means sample's embedding and one label + confidence per own cell; what would need
+more (``augment.resample: static``: two views of every cell) is refused.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -19,33 +20,15 @@ import numpy as np
 import torch
 
 from cicl.cluster.kmeans import KMeansResult
+from cicl.cluster.mixture import Metric
 from cicl.comm import Comm
-from cicl.config import CICLConfig
-from cicl.model.augment import augment
+from cicl.config import CICLConfig, ConfigError
 from cicl.model.modules import student_t
-from cicl.train.loop import (
-    TrainResult,
-    _progress,
-    assign_cells,
-    build_model,
-    cluster_pca_weight,
-    cluster_space,
-    device_name,
-    encoder_state,
-    final_partition,
-    load_state,
-    make_state,
-    metric_record,
-    recon_kind,
-    resolve_device,
-    rng,
-    round_kmeans,
-    round_record,
-    schedule,
-    sync_norm_stats,
-    total_loss,
-    train_step,
-)
+from cicl.train.final import assign_cells
+from cicl.train.loop import cluster_pca_weight, cluster_space, embed
+from cicl.train.plan import Batch, TrainingPlan, TrainResult
+
+BlockSink = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (cells, labels, embedding)
 
 
 class Source(Protocol):
@@ -90,188 +73,105 @@ def train_stream(
     pca_stats: tuple[np.ndarray, float] = (np.zeros(1, np.float32), 1.0),
     n_genes: int,
     on_round: Callable[[dict, dict], None] | None = None,
-    on_block: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    on_block: BlockSink | None = None,
     restore: dict | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Train on ``source`` streamed block by block. ``pca_stats`` = (mean, rms) of the PCA
     scores (from the preprocessing sample) for the hybrid space. ``on_block(idx, labels,
     embedding)`` receives the final result block by block; the returned ``TrainResult`` then
-    has empty per-cell arrays."""
-    t0 = time.perf_counter()
+    has empty per-cell arrays. Options streaming cannot honour are refused (``ConfigError``)."""
+    if cfg.augment.resample == "static":
+        raise ConfigError(
+            "augment.resample: static is not available when streaming: it draws two views of "
+            "every cell once and holds them in memory. Use augment.resample: step."
+        )
     comm = comm or Comm()
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.seed)
-    gen = rng(device, cfg.seed + comm.rank)
-    n_local = source.n
-    n = int(comm.sum(torch.tensor(n_local, dtype=torch.long)))
-    recon = recon_kind(cfg, source.has_counts)
-    model, net, opt = build_model(n_genes, cfg, groups, pca_init, device, comm, recon)
-    sched = schedule(cfg, n, n_local, comm)
-    epochs, b_local, steps_per_epoch = sched.epochs, sched.batch_local, sched.steps_per_epoch
-    p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=device)
-    pca_weight = cluster_pca_weight(cfg, n)
-    p_scale = pca_weight / float(pca_stats[1])
-    block = max(cfg.train.block_size, b_local)
+    shape, has_counts = (source.n, n_genes), source.has_counts
+    plan = TrainingPlan(n_clusters, cfg, comm, shape, has_counts, groups, pca_init, comm.rank)
+    cells = StreamedCells(plan, source, pca_stats, on_block)
+    return plan.fit(cells, restore=restore, on_round=on_round, progress=progress)
 
-    timings = {"read": 0.0, "train": 0.0, "kmeans": 0.0, "assign": 0.0}
 
-    def load(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        t = time.perf_counter()
-        x, p = source.read(idx)
-        out = torch.from_numpy(x).to(device), torch.from_numpy(p).to(device)
-        timings["read"] += time.perf_counter() - t
-        return out
+class StreamedCells:
+    """This rank's cells read from a ``Source`` block by block (``Cells`` for ``TrainingPlan``;
+    see the module docstring)."""
 
-    @torch.no_grad()
-    def space(x: torch.Tensor, p: torch.Tensor, train_mode: bool = False) -> torch.Tensor:
-        was = model.training
-        model.train(train_mode)
-        h = model.encoder(x)
-        model.train(was)
-        return cluster_space(h, (p - p_mean) * p_scale, cfg.cluster.space)
+    fits_all = False
 
-    # fixed K-means sample: whole blocks (cheap contiguous reads), same on every restart
-    rs = np.random.default_rng(cfg.seed + comm.rank)
-    want = max(n_clusters, cfg.cluster.kmeans_sample // comm.world)
-    starts = np.arange(0, n_local, block)
-    rs.shuffle(starts)
-    sample_idx = np.sort(
-        np.concatenate([np.arange(s, min(s + block, n_local)) for s in starts])[:want]
-    )
-    pl_train = cfg.cluster.pseudo_label_mode == "train"
+    def __init__(
+        self, plan: TrainingPlan, source: Source, pca_stats: tuple, on_block: BlockSink | None
+    ):
+        cfg, comm = plan.cfg, plan.comm
+        self.plan, self.source, self.on_block = plan, source, on_block
+        self.block = max(cfg.train.block_size, plan.sched.batch_local)
+        self.p_mean = torch.as_tensor(pca_stats[0], dtype=torch.float32, device=plan.device)
+        weight = cluster_pca_weight(cfg, plan.n)
+        self.pca_center = np.asarray(pca_stats[0], dtype=np.float64)
+        self.pca_scale = weight / float(pca_stats[1])
+        self.pca_weight = weight if cfg.cluster.space == "hybrid" else None
+        # fixed K-means sample: whole blocks (cheap contiguous reads), same on every restart
+        starts = np.arange(0, source.n, self.block)
+        np.random.default_rng(cfg.seed + comm.rank).shuffle(starts)
+        blocks = [np.arange(s, min(s + self.block, source.n)) for s in starts]
+        want = max(plan.k, cfg.cluster.kmeans_sample // comm.world)
+        self.sample = np.sort(np.concatenate(blocks)[:want])
+        self.n_fit = int(comm.sum(torch.tensor(len(self.sample), dtype=torch.long)))
 
-    def sample_space() -> torch.Tensor:
-        sync_norm_stats(model, comm)
-        parts = [
-            space(*load(sample_idx[i : i + block]), pl_train)
-            for i in range(0, len(sample_idx), block)
-        ]
-        return torch.cat(parts)
-
-    def recluster(prev: KMeansResult | None) -> KMeansResult:
-        t = time.perf_counter()
-        res = round_kmeans(sample_space(), n_clusters, cfg, prev, comm)
-        timings["kmeans"] += time.perf_counter() - t
-        return res
-
-    lab_all = torch.zeros(n_local, dtype=torch.long)
-    conf_all = torch.zeros(n_local, dtype=torch.float16)
-
-    def assign_all(res: KMeansResult) -> None:
-        t = time.perf_counter()
-        sync_norm_stats(model, comm)
-        for idx in _blocks(n_local, block, None):
-            q = student_t(space(*load(idx), pl_train), res.centroids, cfg.cluster.alpha)
-            c, lab = q.max(1)
-            lab_all[idx] = lab.cpu()
-            conf_all[idx] = c.cpu().half()
-        timings["assign"] += time.perf_counter() - t
-
-    history: list[dict] = []
-    steps, start_epoch = 0, 1
-    if restore is None:
-        km = recluster(None)
-    else:
-        km, history, steps, start_epoch = load_state(restore, model, opt, gen, comm, device)
-    assign_all(km)
-    prev = lab_all.clone()
-    bar = _progress(epochs, progress and comm.rank == 0, initial=start_epoch - 1)
-    for epoch in range(start_epoch, epochs + 1):
-        model.train()
-        use_cluster = cfg.loss.lam > 0 and epoch > sched.warm_epoch
-        done, tot, inst, clu, rec_sum = 0, 0.0, 0.0, 0.0, 0.0
-        t_epoch = time.perf_counter()
-        blocks = _blocks(n_local, block, gen)
-        while done < steps_per_epoch:
+    def batches(self, size: int, steps: int, gen: torch.Generator) -> Iterator[Batch]:
+        """Shuffled blocks, each read once: its kNN graph, then minibatches from a shuffle of
+        its cells. A rank that runs out of cells before ``steps`` starts over."""
+        done, blocks = 0, _blocks(self.source.n, self.block, gen)
+        while done < steps:
             idx = next(blocks, None)
-            if idx is None:  # this rank ran out of cells before the slowest: start over
-                blocks = _blocks(n_local, block, gen)
+            if idx is None:
+                blocks = _blocks(self.source.n, self.block, gen)
                 continue
-            if recon == "nb":
-                t = time.perf_counter()
-                x_np, p_np, c_np = source.read_counts(idx)
-                xb, pb = torch.from_numpy(x_np).to(device), torch.from_numpy(p_np).to(device)
-                cb = torch.from_numpy(c_np).to(device)
-                lib_b = cb.sum(1)
-                timings["read"] += time.perf_counter() - t
-            else:
-                xb, pb = load(idx)
-            nbr = block_knn(pb, cfg.augment.n_neighbors)
+            x, p, *counts = self._read(idx, with_counts=self.plan.recon == "nb")
+            nbr = block_knn(p, self.plan.cfg.augment.n_neighbors)
             perm = torch.randperm(len(idx), generator=gen, device=gen.device)
-            for j in range(0, len(idx) - b_local + 1, b_local):
-                if done == steps_per_epoch:
-                    break
-                loc = perm[j : j + b_local]
-                # loc and pick are drawn on the training device (``rng``), as xb and nbr live
-                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen, device=gen.device)
-                v1 = augment(xb[loc], xb[nbr[loc, pick]], cfg.augment, gen)
-                pick = torch.randint(nbr.shape[1], (len(loc),), generator=gen, device=gen.device)
-                v2 = augment(xb[loc], xb[nbr[loc, pick]], cfg.augment, gen)
-                gl = torch.from_numpy(idx)[loc.cpu()]
-                pseudo = (lab_all[gl].to(device), conf_all[gl].float().to(device))
-                target = None
-                if recon == "nb":
-                    target = (cb[loc], lib_b[loc])
-                elif recon == "gaussian":
-                    target = (xb[loc],)
-                li, lc, lr = train_step(
-                    net, opt, v1, v2, pseudo if use_cluster else None, cfg, comm, target
-                )
+            c, lib = (counts[0], counts[0].sum(1)) if counts else (None, None)
+            for j in range(0, len(idx) - size + 1, size)[: steps - done]:
+                rows = perm[j : j + size]
+                yield Batch(torch.from_numpy(idx)[rows.cpu()], rows, x, nbr, c, lib)
                 done += 1
-                steps += 1
-                tot, inst, clu = tot + total_loss(cfg, li, lc, lr), inst + li, clu + lc
-                rec_sum += lr
-        timings["train"] += time.perf_counter() - t_epoch
-        every = cfg.cluster.recluster_every
-        if every is not None and (epoch % every == 0 or epoch == epochs):
-            km = recluster(km)
-            assign_all(km)
-            sums = (tot, inst, clu, rec_sum)
-            rec = round_record(epoch, steps, sums, done, km, prev, lab_all, use_cluster)
-            prev = lab_all.clone()
-            history.append(rec)
-            if on_round is not None:
-                state = make_state(epoch, steps, model, opt, km, history, gen, comm)
-                on_round(rec, state)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
 
-    n_fit = int(comm.sum(torch.tensor(len(sample_idx), dtype=torch.long)))
-    t = time.perf_counter()  # final labels: K-means on the sample (as in memory), all assigned
-    final, metric = final_partition(sample_space(), n_clusters, cfg, n_fit, comm)
-    timings["kmeans"] += time.perf_counter() - t
-    t_final = time.perf_counter()
-    labels_out: list[np.ndarray] = []
-    emb_out: list[np.ndarray] = []
-    for idx in _blocks(n_local, block, None):
-        h = space(*load(idx))
-        lab = assign_cells(h, final.centroids, metric).cpu().numpy()
-        if on_block is not None:
-            on_block(idx, lab, h.cpu().numpy())
-        else:
-            labels_out.append(lab)
-            emb_out.append(h.cpu().numpy())
-    timings["assign"] += time.perf_counter() - t_final
-    timings["train_steps"] = float(steps)
-    dim = final.centroids.shape[1]
-    return TrainResult(
-        embedding=np.concatenate(emb_out) if emb_out else np.zeros((0, dim), np.float32),
-        labels=np.concatenate(labels_out) if labels_out else np.zeros(0, np.int64),
-        centroids=final.centroids.cpu().numpy(),
-        history=history,
-        epochs=epochs,
-        steps=steps,
-        seconds=time.perf_counter() - t0,
-        timings=timings,
-        encoder_state=encoder_state(model),
-        pca_center=np.asarray(pca_stats[0], dtype=np.float64),
-        pca_scale=p_scale,
-        device=device_name(device),
-        threads=torch.get_num_threads(),
-        decoder=recon or "off",
-        pca_weight=pca_weight if cfg.cluster.space == "hybrid" else None,
-        metric=metric_record(metric),
-    )
+    def fit_space(self, train_mode: bool) -> torch.Tensor:
+        s, b = self.sample, self.block
+        return torch.cat([self._embed(s[i : i + b], train_mode) for i in range(0, len(s), b)])
+
+    def assign(self, centroids: torch.Tensor, train_mode: bool) -> tuple[torch.Tensor, ...]:
+        """On the CPU, confidences in half precision: a label and a number per cell."""
+        conf = torch.zeros(self.source.n, dtype=torch.float16)
+        labels = torch.zeros(self.source.n, dtype=torch.long)
+        alpha = self.plan.cfg.cluster.alpha
+        for idx in _blocks(self.source.n, self.block, None):
+            c, lab = student_t(self._embed(idx, train_mode), centroids, alpha).max(1)
+            conf[idx], labels[idx] = c.cpu().half(), lab.cpu()
+        return conf, labels
+
+    def label(self, final: KMeansResult, metric: Metric | None, h_fit: torch.Tensor) -> tuple:
+        """Every block assigned under the final partition's metric, handed to ``on_block`` if
+        given (the arrays returned are then empty)."""
+        dim = final.centroids.shape[1]
+        embedding, labels = [np.zeros((0, dim), np.float32)], [np.zeros(0, np.int64)]
+        for idx in _blocks(self.source.n, self.block, None):
+            h = self._embed(idx)
+            lab = assign_cells(h, final.centroids, metric).cpu().numpy()
+            if self.on_block is not None:
+                self.on_block(idx, lab, h.cpu().numpy())
+            else:
+                embedding.append(h.cpu().numpy())
+                labels.append(lab)
+        return np.concatenate(embedding), np.concatenate(labels)
+
+    def _read(self, idx: np.ndarray, with_counts: bool = False) -> list[torch.Tensor]:
+        """(x, pcs) of these cells on the training device, and their raw counts if asked."""
+        with self.plan.timed("read"):
+            arrays = self.source.read_counts(idx) if with_counts else self.source.read(idx)
+            return [torch.from_numpy(a).to(self.plan.device) for a in arrays]
+
+    def _embed(self, idx: np.ndarray, train_mode: bool = False) -> torch.Tensor:
+        x, p = self._read(idx)
+        h = embed(self.plan.model, x, batch=len(idx), train_mode=train_mode)
+        return cluster_space(h, (p - self.p_mean) * self.pca_scale, self.plan.cfg.cluster.space)
