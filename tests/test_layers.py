@@ -18,12 +18,13 @@ def _loaded_after_import(modules: list[str], banned: list[str]) -> list[str]:
 def test_math_layer_imports_nothing_heavy():
     maths = ["cicl.model.losses", "cicl.model.modules", "cicl.model.augment"]
     maths += ["cicl.cluster.kmeans", "cicl.cluster.ward", "cicl.train.loop", "cicl.train.stream"]
+    maths += ["cicl.train.plan", "cicl.train.final"]
     maths += ["cicl.comm", "cicl.objective"]
     assert _loaded_after_import(maths, ["anndata", "scanpy", "ray", "mlflow"]) == []
 
 
 def test_anndata_layer_imports_no_wiring():
     io = ["cicl.api", "cicl.reference", "cicl.data.io", "cicl.data.preprocess"]
-    io += ["cicl.data.stream", "cicl.data.estimate"]
+    io += ["cicl.data.stream", "cicl.data.estimate", "cicl.pipeline"]
     wiring = ["ray", "mlflow", "cicl.distributed", "cicl.sweep", "cicl.tracking", "cicl.cli"]
     assert _loaded_after_import(io, wiring) == []
