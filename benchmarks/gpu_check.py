@@ -89,7 +89,7 @@ def main() -> None:
         help="whose training step: the default (count decoder) or the contrastive preset",
     )
     ap.add_argument("--encoder", default=None, choices=["transformer", "mlp"])
-    ap.add_argument("--d-model", type=int, default=None, help="override model.d_model")
+    ap.add_argument("--d-model", type=int, default=None, help="override model.transformer.d_model")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder")
@@ -120,7 +120,7 @@ def main() -> None:
     if args.encoder:
         over["model.encoder"] = args.encoder
     if args.d_model:
-        over["model.d_model"] = args.d_model
+        over["model.transformer.d_model"] = args.d_model
     base = preset("contrastive") if args.config == "contrastive" else CICLConfig()
     cfg = base.with_overrides(over)
     recon = recon_kind(cfg, has_counts=True)
@@ -136,7 +136,7 @@ def main() -> None:
     pcs = sc @ np.linalg.svd(sc[:5000], full_matrices=False)[2][:50].T
     groups = None
     if cfg.model.encoder == "transformer":
-        groups = balanced_gene_groups(gene_loadings(sample, pcs), cfg.model.n_tokens)
+        groups = balanced_gene_groups(gene_loadings(sample, pcs), cfg.model.transformer.n_tokens)
     torch.manual_seed(0)
     model, net, opt = build_model(args.genes, cfg, groups, None, device, Comm(), recon)
     if args.compile:

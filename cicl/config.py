@@ -41,37 +41,60 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    # default "mlp": G -> mlp_hidden -> mlp_bottleneck -> embed_dim with BatchNorm; with the
-    # count decoder it clustered the twelve shared sets best (README, Benchmarks).
-    # "transformer": gene-module tokens with real attention; "reference": the official code's
-    encoder: Literal["transformer", "mlp", "reference"] = "mlp"
-    mlp_hidden: int = 256
-    mlp_bottleneck: int = 64
-    batch_norm: bool = True  # BatchNorm in the MLP encoder and the decoder
-    # transformer: genes are grouped into co-expression modules, one token per module
+class TransformerConfig:
+    """``model.encoder: transformer``: genes grouped into co-expression modules, one token per
+    module, real attention between them."""
+
     n_tokens: int = 32
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     ffn_dim: int = 128
     dropout: float = 0.1
-    embed_dim: int = 32
     # embedding read-out: "cls" = the CLS token after attention; "tokens" = a linear map of
     # every module token after attention (no pooling bottleneck; attention still mixes modules)
     readout: Literal["cls", "tokens"] = "cls"
-    pca_residual: bool = False  # h = PCA(x) + Transformer(x); Transformer branch starts small
-    # reference (official code): residual MLP blocks at width G, embedding dim = G
-    ref_layers: int = 4
-    ref_hidden: int = 1024
-    ref_dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_section(self, "model.transformer")
+        _check(
+            self.d_model % self.n_heads == 0,
+            "model.transformer.d_model must be divisible by model.transformer.n_heads",
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceEncoderConfig:
+    """``model.encoder: reference`` (the official code's): residual MLP blocks at width G (the
+    gene count), embedding dimension G."""
+
+    layers: int = 4
+    hidden: int = 1024
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_section(self, "model.reference")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # default "mlp": G -> mlp_hidden -> mlp_bottleneck -> embed_dim with BatchNorm; with the
+    # count decoder it clustered the twelve shared sets best (docs/benchmarks.md).
+    # "transformer" and "reference": their knobs are in their own sections below
+    encoder: Literal["transformer", "mlp", "reference"] = "mlp"
+    mlp_hidden: int = 256
+    mlp_bottleneck: int = 64
+    batch_norm: bool = True  # BatchNorm in the MLP encoder and the decoder
+    embed_dim: int = 32
+    pca_residual: bool = False  # h = PCA(x) + encoder(x); the encoder's branch starts small
     # projection head
     proj_hidden: int = 256
     proj_dim: int = 64
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    reference: ReferenceEncoderConfig = field(default_factory=ReferenceEncoderConfig)
 
     def __post_init__(self) -> None:
         _check_section(self, "model")
-        _check(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
 
 
 @dataclass(frozen=True)
@@ -208,14 +231,8 @@ class CICLConfig:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, e.g. for MLflow params."""
-        out: dict[str, Any] = {}
-        for k, v in self.to_dict().items():
-            if isinstance(v, dict):
-                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-            else:
-                out[k] = v
-        return out
+        """Dotted keys -> values, e.g. for MLflow params (``model.transformer.n_tokens``)."""
+        return _flatten(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CICLConfig:
@@ -243,18 +260,18 @@ LIMITS: dict[str, str] = {
     "preprocess.min_genes": ">= 0",
     "model.mlp_hidden": ">= 1",
     "model.mlp_bottleneck": ">= 1",
-    "model.d_model": ">= 1",
-    "model.n_layers": ">= 1",
-    "model.n_heads": ">= 1",
-    "model.ffn_dim": ">= 1",
+    "model.transformer.d_model": ">= 1",
+    "model.transformer.n_layers": ">= 1",
+    "model.transformer.n_heads": ">= 1",
+    "model.transformer.ffn_dim": ">= 1",
     "model.embed_dim": ">= 1",
-    "model.ref_layers": ">= 1",
-    "model.ref_hidden": ">= 1",
+    "model.reference.layers": ">= 1",
+    "model.reference.hidden": ">= 1",
     "model.proj_hidden": ">= 1",
     "model.proj_dim": ">= 1",
-    "model.n_tokens": ">= 2",  # attention needs several tokens
-    "model.dropout": "in [0, 1)",
-    "model.ref_dropout": "in [0, 1)",
+    "model.transformer.n_tokens": ">= 2",  # attention needs several tokens
+    "model.transformer.dropout": "in [0, 1)",
+    "model.reference.dropout": "in [0, 1)",
     "augment.noise_std": ">= 0",
     "augment.noise_frac": "in [0, 1]",
     "augment.mask_frac": "in [0, 1]",
@@ -324,6 +341,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+TRANSFORMER_KEYS = ("n_tokens", "d_model", "n_layers", "n_heads", "ffn_dim", "dropout", "readout")
+
+
 def _valid_keys() -> list[str]:
     return list(CICLConfig().flat())
 
@@ -331,6 +351,12 @@ def _valid_keys() -> list[str]:
 # options since removed, each with the one value that meant what the code now always does: a
 # config saved before (a YAML file, a fitted model's params) that names one still loads
 REMOVED = {"model.cell_token": False, "model.residual_init": 0.1, "cluster.final": "kmeans"}
+# options moved into a section of their own: the old names (saved configs, fitted models'
+# params, habits) still work
+RENAMED = {
+    **{f"model.{k}": f"model.transformer.{k}" for k in TRANSFORMER_KEYS},
+    **{f"model.ref_{k}": f"model.reference.{k}" for k in ("layers", "hidden", "dropout")},
+}
 
 
 def _drop_removed(overrides: dict[str, Any]) -> None:
@@ -349,26 +375,28 @@ def with_overrides(cfg: CICLConfig, overrides: dict[str, Any]) -> CICLConfig:
     if "preset" in overrides:
         cfg = preset(str(overrides.pop("preset")))
     valid = _valid_keys()
-    groups: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
-    for key, value in overrides.items():
+    overrides = {RENAMED.get(k, k): v for k, v in overrides.items()}
+    for key in overrides:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"Unknown config key '{key}'.{hint}")
-        if "." in key:
-            g, name = key.split(".", 1)
-            groups.setdefault(g, {})[name] = value
-        else:
-            top[key] = value
-    for g, v in groups.items():
-        ftypes = {f.name: f.type for f in fields(getattr(cfg, g))}
-        for name, value in v.items():
-            v[name] = _typed(f"{g}.{name}", value, str(ftypes[name]))
-    for name, value in top.items():
-        top[name] = _typed(name, value, "int")
-    kwargs = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in groups.items()}
-    return dataclasses.replace(cfg, **kwargs, **top)
+    return _apply(cfg, "", overrides)
+
+
+def _apply(obj: Any, prefix: str, overrides: dict[str, Any]) -> Any:
+    """``obj`` (a config section) with the overrides under ``prefix`` applied, typed by each
+    field's annotation; nested sections recursively."""
+    changes: dict[str, Any] = {}
+    for f in fields(obj):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(getattr(obj, f.name)):
+            sub = {k: v for k, v in overrides.items() if k.startswith(key + ".")}
+            if sub:
+                changes[f.name] = _apply(getattr(obj, f.name), key + ".", sub)
+        elif key in overrides:
+            changes[f.name] = _typed(key, overrides[key], str(f.type))
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def _typed(key: str, value: Any, annotation: str) -> Any:

@@ -149,7 +149,9 @@ def model_init(
 
     groups = pca_init = None
     if cfg.model.encoder == "transformer":
-        groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
+        groups = balanced_gene_groups(
+            gene_loadings(x, pcs), cfg.model.transformer.n_tokens, seed=cfg.seed
+        )
     if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual:
         pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
     return groups, pca_init

@@ -65,10 +65,10 @@ def tiny_cfg():
 
     return CICLConfig().with_overrides(
         {
-            "model.n_tokens": 8,
-            "model.d_model": 16,
-            "model.n_heads": 2,
-            "model.ffn_dim": 32,
+            "model.transformer.n_tokens": 8,
+            "model.transformer.d_model": 16,
+            "model.transformer.n_heads": 2,
+            "model.transformer.ffn_dim": 32,
             "model.embed_dim": 8,
             "model.proj_hidden": 32,
             "model.proj_dim": 16,

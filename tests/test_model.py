@@ -3,7 +3,7 @@ import os
 import numpy as np
 import torch
 
-from cicl.config import AugmentConfig, ModelConfig
+from cicl.config import AugmentConfig, ModelConfig, ReferenceEncoderConfig, TransformerConfig
 from cicl.model.augment import augment
 from cicl.model.modules import (
     CICLModel,
@@ -29,19 +29,21 @@ def test_gene_groups_are_balanced_partition():
 
 def test_transformer_attention_is_live():
     """Unlike a single-token 'Transformer', Q/K receive gradient and tokens interact."""
-    cfg = ModelConfig(n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0)
+    tc = TransformerConfig(n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, dropout=0.0)
+    cfg = ModelConfig(embed_dim=8, transformer=tc)
     enc = GeneModuleTransformer(40, _groups(), cfg)
     x = torch.randn(16, 40)
     enc(x).pow(2).sum().backward()
     attn = enc.blocks.layers[0].self_attn
-    d = cfg.d_model
+    d = tc.d_model
     gq = attn.in_proj_weight.grad[:d].abs().sum()
     gk = attn.in_proj_weight.grad[d : 2 * d].abs().sum()
     assert gq > 0 and gk > 0
 
 
 def test_transformer_output_depends_on_other_modules_through_attention():
-    cfg = ModelConfig(n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0)
+    tc = TransformerConfig(n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, dropout=0.0)
+    cfg = ModelConfig(embed_dim=8, transformer=tc)
     enc = GeneModuleTransformer(40, _groups(), cfg).eval()
     x = torch.randn(4, 40)
     y0 = enc(x)
@@ -52,7 +54,7 @@ def test_transformer_output_depends_on_other_modules_through_attention():
 
 
 def test_reference_encoder_keeps_gene_width():
-    cfg = ModelConfig(encoder="reference", ref_layers=2, ref_hidden=32)
+    cfg = ModelConfig(encoder="reference", reference=ReferenceEncoderConfig(layers=2, hidden=32))
     enc = ReferenceEncoder(24, cfg)
     assert enc(torch.randn(3, 24)).shape == (3, 24)
     m = CICLModel(24, cfg)
@@ -105,9 +107,10 @@ def test_augment_strengths():
 def test_token_readout_reads_every_module_after_attention():
     """``readout="tokens"``: the embedding is a linear map of all module tokens (no CLS pooling
     bottleneck), and attention still mixes modules before it (Q/K get gradient)."""
-    cfg = ModelConfig(
-        n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, embed_dim=8, dropout=0.0, readout="tokens"
+    tc = TransformerConfig(
+        n_tokens=5, d_model=16, n_heads=2, ffn_dim=32, dropout=0.0, readout="tokens"
     )
+    cfg = ModelConfig(embed_dim=8, transformer=tc)
     enc = GeneModuleTransformer(40, _groups(), cfg)
     assert enc.out.in_features == 5 * 16
     x = torch.randn(16, 40)

@@ -85,24 +85,25 @@ class GeneModuleTransformer(nn.Module):
     ):
         super().__init__()
         t, s = groups.shape
+        tc = cfg.transformer
         self.register_buffer("groups", torch.as_tensor(groups, dtype=torch.long))
-        self.tok_w = nn.Parameter(torch.randn(t, s, cfg.d_model) / np.sqrt(s))
-        self.tok_b = nn.Parameter(torch.zeros(t, cfg.d_model))  # module identity embedding
+        self.tok_w = nn.Parameter(torch.randn(t, s, tc.d_model) / np.sqrt(s))
+        self.tok_b = nn.Parameter(torch.zeros(t, tc.d_model))  # module identity embedding
         nn.init.normal_(self.tok_b, std=0.02)
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+        self.cls = nn.Parameter(torch.zeros(1, 1, tc.d_model))
         layer = nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.ffn_dim,
-            cfg.dropout,
+            tc.d_model,
+            tc.n_heads,
+            tc.ffn_dim,
+            tc.dropout,
             activation="gelu",
             batch_first=True,
             norm_first=True,
         )
-        self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.readout = cfg.readout
-        d_out = cfg.d_model * (t if cfg.readout == "tokens" else 1)
+        self.blocks = nn.TransformerEncoder(layer, tc.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(tc.d_model)
+        self.readout = tc.readout
+        d_out = tc.d_model * (t if tc.readout == "tokens" else 1)
         self.out = nn.Linear(d_out, cfg.embed_dim)
         self.embed_dim = cfg.embed_dim
         self.skip = pca_skip(n_genes, cfg, pca_init, self.out)
@@ -144,7 +145,10 @@ class ReferenceEncoder(nn.Module):
     def __init__(self, n_genes: int, cfg: ModelConfig):
         super().__init__()
         self.blocks = nn.Sequential(
-            *[_RefBlock(n_genes, cfg.ref_hidden, cfg.ref_dropout) for _ in range(cfg.ref_layers)]
+            *[
+                _RefBlock(n_genes, cfg.reference.hidden, cfg.reference.dropout)
+                for _ in range(cfg.reference.layers)
+            ]
         )
         self.norm = nn.LayerNorm(n_genes)
         self.embed_dim = n_genes

@@ -75,7 +75,9 @@ def train(
     t0 = time.perf_counter()
     comm = comm or Comm()
     if cfg.model.encoder == "transformer" and groups is None:
-        groups = balanced_gene_groups(gene_loadings(x, pcs), cfg.model.n_tokens, seed=cfg.seed)
+        groups = balanced_gene_groups(
+            gene_loadings(x, pcs), cfg.model.transformer.n_tokens, seed=cfg.seed
+        )
     if cfg.model.encoder in ("transformer", "mlp") and cfg.model.pca_residual and pca_init is None:
         pca_init = pca_projection(x, pcs, cfg.model.embed_dim)
     rank = comm.rank if comm.world > 1 else rank
