@@ -117,7 +117,7 @@ class AugmentConfig:
 class LossConfig:
     """Training objective: recon_weight * reconstruction + instance_weight * instance term +
     lam * cluster-aware term. The default is reconstruction alone: on the twelve shared sets
-    either contrastive term, at any weight tried, lowered the clustering (README, Benchmarks);
+    either contrastive term, at any weight tried, lowered the clustering (docs/benchmarks.md);
     sweeps search both weights."""
 
     # reconstruction of the cell from its embedding (a decoder head): "nb" = negative binomial
@@ -156,13 +156,13 @@ class ClusterConfig:
     # hybrid: RMS norm of the PCA block next to the unit-norm embedding. None = by the number
     # of cells n: 2 up to 1,000 cells, 0.5 from 5,000, log-linear between. A learned embedding
     # needs cells to be trusted: on small sets the PCA geometry clusters better, on large ones
-    # the learned embedding (see cluster_pca_weight and the README)
+    # the learned embedding (see cluster_pca_weight and docs/model.md)
     pca_weight: float | None = None
     alpha: float = 1.0  # Student's t degrees of freedom
     n_init: int = 10  # k-means++ restarts of a reclustering round, best inertia kept
     # restarts of the final K-means; None = by cell count: about 200,000 cell-restarts, at least
     # n_init and at most 100 (small sets: K-means on them is a lottery between local optima at
-    # 10 restarts, e.g. goolam ARI 0.63 +- 0.03 at 10, 0.87 +- 0.13 at 100; big sets: cost)
+    # 10 restarts; big sets: cost; measured in docs/development-log.md)
     final_n_init: int | None = None
     # final K-means: one more start, Lloyd from the centroids of a Ward partition, kept when its
     # inertia is lower than the best k-means++ restart's (same objective, a better start on

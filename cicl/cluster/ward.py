@@ -1,7 +1,7 @@
 """Ward agglomeration on weighted K-means micro-clusters.
 
-Full Ward beats K-means on imbalanced cell-type data (measured on the shared datasets' PCA:
-mean ARI 0.671 vs 0.648) but costs O(N^2). Ward on m weighted micro-cluster centroids (each
+Full Ward beats K-means on imbalanced cell-type data (measured on the shared datasets' PCA,
+docs/development-log.md) but costs O(N^2). Ward on m weighted micro-cluster centroids (each
 the mean of its cells, weighted by its size) gives the same merge costs as Ward on the points
 once the micro-clusters are merged, at O(m^2) memory: exact for N <= m, scalable beyond.
 """
