@@ -238,7 +238,7 @@ def test_cli_predict(tmp_path, tiny_cfg, capsys):
     rc, _, err = _run(capsys, ["predict", str(new), "-r", str(inp), "-o", str(tmp_path / "x.h5ad")])
     assert rc == 2 and "not fitted by cicl" in err and not (tmp_path / "x.h5ad").exists()
     rc, _, err = _run(capsys, ["predict", str(new), "-r", str(ref), "-o", str(ref), "--force"])
-    assert rc == 2 and "is the reference file" in err
+    assert rc == 2 and "is the input file" in err and "ref.h5ad" in err
     rc, _, err = _run(
         capsys, ["predict", str(new), "-r", str(tmp_path / "no.h5ad"), "-o", str(out), "--force"]
     )

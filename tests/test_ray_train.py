@@ -223,9 +223,11 @@ def test_two_workers_streaming_from_disk(data_dir, local_ray, tmp_path):
     )
     opts = RayOptions(workers=2, storage=str(tmp_path / "ray"), name="st")
     uns = fit_h5ad_stream(atlas, tmp_path / "o.h5ad", 11, config=cfg, ray_options=opts)
-    a = ad.read_h5ad(tmp_path / "o.h5ad")
+    a, src = ad.read_h5ad(tmp_path / "o.h5ad"), ad.read_h5ad(atlas)
     assert uns["workers"] == 2 and a.obs["cicl"].nunique() == 11
-    assert adjusted_rand_score(a.obs["cell_type"], a.obs["cicl"]) > 0.4
+    assert (a.obs_names == src.obs_names).all() and a.X is None  # no copy of the atlas
+    assert a.obsm["X_cicl"].shape[0] == 4000 and np.isfinite(a.obsm["X_cicl"]).all()
+    assert adjusted_rand_score(src.obs["cell_type"], a.obs["cicl"]) > 0.4
     shards = tmp_path / "ray" / "st" / "shards"
     assert np.load(shards / "rank0_labels.npy").shape == (2000,)
     assert list((tmp_path / "ray" / "st").glob("checkpoint_epoch=*"))
