@@ -29,6 +29,13 @@ def _print_input_warning(message, category, filename, lineno, file=None, line=No
 _show_warning = warnings.showwarning
 
 
+def one_line(message: object) -> str:
+    """An error's message as one line: some carry a library's multi-line text (YAML's parser
+    points at the bad character on lines of their own), and a refusal is one ``error:`` line."""
+    lines = (line.strip() for line in str(message).splitlines())
+    return " ".join(line for line in lines if line.strip("^"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
@@ -56,7 +63,7 @@ def _run(args) -> int:
         if isinstance(exc, SweepInterrupted):
             print(f"interrupted: {exc}", file=sys.stderr)
             return 130
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)

@@ -134,12 +134,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_on_disk(path: str, parts: tuple[str, ...] = ("obs", "var")):
+def open_on_disk(path: str, parts: tuple[str, ...] = ("obs", "var"), *, check: bool = True):
     """The .h5ad's annotations only (``read_annotations``): its matrices stay on disk, read
-    block by block by streamed fits and ``predict(..., file=path)``."""
-    from cicl.data.io import read_annotations
+    block by block by streamed fits and ``predict(..., file=path)``. ``check``: the whole
+    file's layout first (``check_h5ad_layout``; off for the output this run wrote)."""
+    from cicl.data.io import check_h5ad_layout, read_annotations
 
     try:
+        if check:
+            check_h5ad_layout(path)
         return read_annotations(path, parts)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
         raise CICLError(f"cannot read '{path}' as .h5ad ({e}).") from None
@@ -196,19 +199,23 @@ def fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None =
     annotations = open_on_disk(args.input, ("obs",))
     check_label_key(annotations, args.label_key)
     obs = annotations.obs
-    info = fit_h5ad_stream(
-        args.input,
-        out,
-        k,
-        config=cfg,
-        ray_options=ray_opts,
-        key_added=args.key_added,
-        progress=not args.quiet and sys.stderr.isatty(),
-        layer=args.layer,
-    )
+    with warnings.catch_warnings():  # as in memory: preprocessing's warnings, one line each
+        warnings.simplefilter("ignore")
+        info = fit_h5ad_stream(
+            args.input,
+            out,
+            k,
+            config=cfg,
+            ray_options=ray_opts,
+            key_added=args.key_added,
+            progress=not args.quiet and sys.stderr.isatty(),
+            layer=args.layer,
+        )
     pre = info["preprocess"]
+    for w in pre.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     result = {**result_fields(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
-    res = open_on_disk(str(out), ("obs", "uns"))  # labels and record: not the atlas' embedding
+    res = open_on_disk(str(out), ("obs", "uns"), check=False)  # not the atlas' embedding
     if args.label_key is not None:
         result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -46,10 +46,10 @@ def check_key_added(key: str, *others: tuple[str, str | None]) -> str:
     """``--key-added`` names obs/obsm/uns entries: not empty, no '/' (h5ad groups), and not a
     column the run reads (``others``: (flag, value) pairs such as ``--label-key``), which the
     result would replace."""
-    if not key or "/" in key or key != key.strip():
+    if not key or "/" in key or key != key.strip() or not key.isprintable():
         raise CICLError(
-            f"--key-added '{key}' is not a usable name: give a non-empty name without '/' or "
-            "surrounding spaces."
+            f"--key-added {key!r} is not a usable name: give a non-empty name without '/', "
+            "control characters or surrounding spaces."
         )
     for flag, value in others:
         if value is not None and value == key:
@@ -82,6 +82,14 @@ def int_at_least(name: str, value: str, low: int) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own refusals (a bad choice, a missing or unknown option) as every other
+    refusal: one ``error: ...`` line and exit 2, instead of the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} -h`).\n")
+
+
 class _Version(argparse.Action):
     """``--version``: cicl and the versions a bug report needs, read from the installed
     packages' metadata (nothing heavy is imported)."""
@@ -106,7 +114,7 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cicl",
         description="Cluster single-cell RNA-seq data with CICL (cluster-aware iterative "
         "contrastive learning).",

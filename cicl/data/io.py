@@ -67,6 +67,8 @@ def read_input(path: str | Path) -> ad.AnnData:
             f"Could not read '{p}' as {kind}: {type(exc).__name__}: {exc}. "
             "Check that the file is complete and in the format its extension says."
         ) from None
+    for X in (adata.X, *adata.layers.values(), adata.raw.X if adata.raw is not None else None):
+        check_sparse_structure(X)  # also those the fit does not read: all are written back
     if kind in ("csv", "tsv") and _looks_transposed(adata):
         warnings.warn(
             f"'{p}' looks like genes x cells (its row names look like genes or its column names "
@@ -102,6 +104,52 @@ def read_annotations(path: str | Path, parts: tuple[str, ...] = ("obs", "var")) 
 
     with h5py.File(path, "r") as f:
         return ad.AnnData(**{p: read_elem(f[p]) for p in parts if p in f})
+
+
+def check_h5ad_layout(path: str | Path) -> None:
+    """The file read as anndata reads it, its matrices left on disk: obs and var present, every
+    element's encoding one anndata knows, every matrix the shape of its axes. Streamed runs
+    read the matrices with h5py and write a copy of the file: a file anndata cannot open would
+    give an output it cannot open either."""
+    import h5py
+    from anndata.experimental import read_dispatched
+    from anndata.io import sparse_dataset
+
+    def lazy(read, name, elem, iospec):
+        if iospec.encoding_type in ("csr_matrix", "csc_matrix"):
+            _check_sparse_lengths(elem, iospec.encoding_type)
+            return sparse_dataset(elem)
+        if isinstance(elem, h5py.Dataset) and elem.ndim == 2:
+            return elem
+        return read(elem)
+
+    with h5py.File(path, "r") as f:
+        missing = [part for part in ("obs", "var") if part not in f]
+        if missing:
+            raise InputError(f"'{path}' has no {' and no '.join(missing)}: not an .h5ad file.")
+        read_dispatched(f, lazy)
+
+
+def _check_sparse_lengths(group, encoding: str) -> None:
+    """A sparse matrix on disk whose index arrays cannot describe it (read before any block:
+    a streamed run would fail on its first block, or read garbage)."""
+    shape = tuple(int(n) for n in group.attrs["shape"])
+    indptr, indices, data = group["indptr"], group["indices"], group["data"]
+    major = shape[0] if encoding == "csr_matrix" else shape[1]
+    ok = (
+        len(shape) == 2
+        and indptr.shape == (major + 1,)
+        and indices.ndim == data.ndim == 1
+        and indices.shape == data.shape
+        and np.issubdtype(indptr.dtype, np.integer)
+        and np.issubdtype(indices.dtype, np.integer)
+        and int(indptr[0]) == 0
+        and int(indptr[-1]) == data.shape[0]
+    )
+    if not ok:
+        raise InputError(
+            f"the sparse matrix '{group.name}' is corrupt (its index arrays do not fit)"
+        )
 
 
 def check_matrix(adata: ad.AnnData, layer: str | None = None, min_cells: int = 10) -> None:
@@ -146,7 +194,9 @@ def check_sparse_structure(X) -> None:
     if not sp.issparse(X) or X.format not in ("csr", "csc"):
         return
     try:
-        X.check_format(full_check=True)
+        with warnings.catch_warnings():  # scipy's notes on odd dtypes: the error says it all
+            warnings.simplefilter("ignore")
+            X.check_format(full_check=True)
     except (ValueError, IndexError) as exc:
         raise InputError(
             f"The expression matrix is corrupt ({exc}). Rewrite the file from its source."

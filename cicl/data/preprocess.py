@@ -15,6 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from cicl.config import PreprocessConfig
+from cicl.data.io import check_finite
 from cicl.errors import InputError
 
 ValueKind = Literal["counts", "unlogged", "log", "scaled"]
@@ -181,7 +182,9 @@ def preprocess(
     return the map ComBat applied (streaming applies it to cells outside the sample; it costs
     a copy of the matrix, so in-memory fits skip it)."""
     X = adata.layers[layer] if layer is not None else adata.X
-    X = X.astype(np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
+        X = X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    check_finite(X)  # a streamed fit's sample comes from the file, unchecked until here
     X = sp.csr_matrix(X)
     work = ad.AnnData(X=X)
     work.var_names = np.asarray(adata.var_names).astype(str)
