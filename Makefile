@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not benchmark" -q -n 2 --dist loadscope --no-loadscope-reorder --max-worker-restart=0
 
 test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -m benchmark -q
+	$(VENV)/bin/python -m pytest -m benchmark -q && HYPOTHESIS_PROFILE=slow $(VENV)/bin/python -m pytest tests/test_fuzz.py -q
 
 benchmark: $(STAMP)
 	$(VENV)/bin/python benchmarks/quality.py --data $(DATA) --seeds 3 --out benchmarks/results

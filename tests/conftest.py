@@ -11,6 +11,20 @@ import cicl  # noqa: F401  (first: pins torch's CPU kernels before torch loads, 
 
 # isort: split
 import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis (tests/test_fuzz.py): `ci` is the default (what `make test` runs: few examples,
+# derandomized so CI is reproducible); `HYPOTHESIS_PROFILE=slow` (`make test-slow`) explores.
+# No example database: it would be written into the checkout.
+_FUZZ = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=15, derandomize=True, **_FUZZ)
+settings.register_profile("slow", max_examples=300, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # `make test` runs two pytest-xdist workers: share the cores between them
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
