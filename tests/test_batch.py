@@ -59,7 +59,9 @@ def test_cli_fit_with_batch_key_on_real_data(tmp_path, baron_two_runs, capsys):
     assert res.uns["cicl"]["params"]["preprocess"]["batch_key"] == "run"
     assert res.uns["cicl"]["preprocess"]["n_batches"] == 2
     assert line["ari"] > 0.55  # 0.64 measured (0.50 without --batch-key, same seed)
-    assert abs(adjusted_rand_score(baron_two_runs.obs["run"], res.obs["cicl"])) < 0.02  # not split by run
+    assert (
+        abs(adjusted_rand_score(baron_two_runs.obs["run"], res.obs["cicl"])) < 0.02
+    )  # not split by run
 
 
 def _tiny(n=120):
