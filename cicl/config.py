@@ -304,7 +304,7 @@ LIMITS: dict[str, str] = {
     "train.weight_decay": ">= 0",
     "train.block_size": ">= 64",
     "train.steps_per_epoch": ">= 1",
-    "seed": ">= 0",
+    "seed": "in [0, 4294967295]",  # numpy's seeds
 }
 
 
@@ -316,6 +316,14 @@ def _within(value: float, rule: str) -> bool:
     return value > float(bound) if op == ">" else value >= float(bound)
 
 
+def _finite(value: float) -> bool:
+    """Finite as a float (an int beyond float's range is not: it cannot be used as one)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_section(obj: Any, section: str) -> None:
     """Every numeric field finite and inside ``LIMITS``."""
     for f in fields(obj):
@@ -323,7 +331,7 @@ def _check_section(obj: Any, section: str) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         key = f"{section}.{f.name}" if section else f.name
-        if not math.isfinite(value):
+        if not _finite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}.")
         rule = LIMITS.get(key)
         if rule is not None and not _within(value, rule):
@@ -423,7 +431,7 @@ def _typed(key: str, value: Any, annotation: str) -> Any:
                 raise ConfigError(f"{key} must be a number ({base}), got {value!r}.") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number ({base}), got {value!r}.")
-        if not math.isfinite(value):
+        if not _finite(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r}.")
         if base == "int":
             if float(value) != int(value):
@@ -445,7 +453,9 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"Config file '{p}' does not exist.")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"Config file '{p}' is not UTF-8 text. Give a YAML file.") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -218,7 +218,9 @@ def test_truncated_h5ad_is_one_error(tmp_path, inp, capsys):
         ("train.weight_decay=-1", "train.weight_decay must be >= 0"),  # was a traceback
         ("train.lr=nan", "finite"),
         ("loss.temperature=.inf", "finite"),
-        ("seed=-3", "seed must be >= 0"),
+        ("seed=-3", "seed must be in [0, 4294967295]"),
+        ("seed=4294967296", "seed must be in [0, 4294967295]"),  # numpy refused it after work
+        ("train.lr=1e400", "finite"),
         ("cluster.kmeans_sample=1", ">= 2"),
         ("model.dropout=1", "in [0, 1)"),
         ("train.epochs=2.5", "integer"),
