@@ -20,6 +20,8 @@ import io
 import math
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
-from hypothesis import example, given, note
+from hypothesis import event, example, given, note
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -78,6 +80,7 @@ def run_cli(argv: list[str]) -> Outcome:
             rc = exc.code if isinstance(exc.code, int) else 1
     if currently_in_test_context():
         note(f"argv={argv!r}\nrc={rc}\nstderr={err.getvalue()!r}")
+        event(f"exit {rc}")  # --hypothesis-show-statistics: how many examples ran to the end
     return Outcome(rc, out.getvalue(), err.getvalue())
 
 
@@ -108,9 +111,12 @@ def assert_refused_or_done(res: Outcome, out: Path, before: Any) -> bool:
 
 
 def zero_rows(X, min_genes: int) -> np.ndarray:
-    """The cells preprocessing drops: fewer than max(1, min_genes) expressed genes."""
-    n_expr = np.asarray((X != 0).sum(axis=1)).ravel() if sp.issparse(X) else (X != 0).sum(1)
-    return np.asarray(n_expr) < max(1, min_genes)
+    """The cells preprocessing drops: fewer than max(1, min_genes) expressed genes, counted in
+    float32 as cicl does (a damaged float64 byte can make a denormal that float32 rounds to 0)."""
+    with np.errstate(over="ignore", under="ignore"):
+        X32 = X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    n_expr = (X32 != 0).sum(axis=1)
+    return np.asarray(n_expr).ravel() < max(1, min_genes)
 
 
 def source_matrix(inp: ad.AnnData, name: str):
@@ -574,6 +580,13 @@ def plot_path(kind: str, work: Path) -> Path:
 @example(a={**dict.fromkeys(["k", "label_key", "batch_key", "plot", "workers", "ray_flag"]),
             "input": "good", "out": "new", "layer": "auto", "key_added": "a\x00b", "seed": None,
             "sets": [], "stream": False, "json": False, "force": False})  # fmt: skip
+@example(a={**dict.fromkeys(["plot", "workers", "ray_flag", "seed"]), "input": "good",
+            "out": "exists", "k": "3", "label_key": "cell_type", "batch_key": "batch",
+            "layer": "auto", "key_added": "res", "sets": ["preprocess.min_genes=20"],
+            "stream": False, "json": True, "force": True})  # fmt: skip
+@example(a={**dict.fromkeys(["k", "label_key", "batch_key", "plot", "workers", "ray_flag"]),
+            "input": "good", "out": "upper", "layer": "auto", "key_added": "cicl", "seed": 3,
+            "sets": [], "stream": True, "json": True, "force": False})  # fmt: skip
 def test_fit_arguments(world, a):
     """``cicl fit`` over random combinations of its options."""
     work = fresh_dir(world.root)
@@ -681,6 +694,8 @@ simulate_args = st.fixed_dictionaries(
 @example(a={"like": "text", "cells": "50", "genes": "30", "label_key": "cell_type", "seed": "0",
             "out": "new", "force": False})  # fmt: skip
 @example(a={"like": "good", "cells": "50", "genes": "30", "label_key": "holes", "seed": "0",
+            "out": "new", "force": False})  # fmt: skip
+@example(a={"like": "good", "cells": "50", "genes": "30", "label_key": "cell_type", "seed": "7",
             "out": "new", "force": False})  # fmt: skip
 def test_simulate_arguments(world, a):
     """``cicl simulate``: a labelled atlas of ``--cells`` cells, or one error line."""
@@ -907,6 +922,38 @@ corruptions = st.one_of(
 TARGETS = ["X/indices", "X/indptr", "X/data", "X", "obs/_index", "var/_index", "obs", "var"]
 
 
+H5_WALK = """
+import sys, h5py
+try:
+    with h5py.File(sys.argv[1], "r") as f:
+        names = ["/"]
+        f.visit(names.append)
+        for name in names:
+            for key in f[name].attrs:
+                f[name].attrs[key]
+            if isinstance(f[name], h5py.Dataset):
+                f[name][()]
+except Exception:
+    pass
+"""
+
+
+def crashes_hdf5(path: Path) -> bool:
+    """known (HDF5 2.0.0 under h5py 3.16; reported, no cicl code involved): a damaged byte can
+    crash HDF5 itself, e.g. a segfault reading an attribute whose message it corrupted (the
+    raw layout with byte 70281 ^= 0x4a: `python -c "import anndata; anndata.read_h5ad(f)"`
+    dies of SIGSEGV). No code in the process can catch that, and it would take the test
+    worker with it: a byte-corrupted file is first read whole by h5py in a child process
+    (about 0.2 s) and skipped if that one dies."""
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", H5_WALK, str(path)], capture_output=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        return True
+    return run.returncode < 0
+
+
 def corrupt(path: Path, how: tuple) -> str:
     """Apply one corruption to the file at ``path`` in place; returns what was done (shown by
     Hypothesis with a failing example), starting with the element edited if any."""
@@ -981,6 +1028,10 @@ def corrupt(path: Path, how: tuple) -> str:
 @example(layout="csc", how=("replace", "X/indices", 5), stream=True, k=[])  # scipy's warning
 @example(layout="dense", how=("attr", "X", "encoding-version", [5]), stream=True, k=[])
 @example(layout="csr", how=("delete", "obs"), stream=True, k=[])
+@example(layout="raw", how=("delete", "raw/var"), stream=True, k=[])
+@example(layout="raw", how=("flip", [(0.8885611939577429, 74)]), stream=False, k=[])  # SIGSEGV
+@example(layout="csr", how=("poke", "X/indptr", [(6, 2**31 - 1), (80, -1)]), stream=False, k=[])
+@example(layout="dense", how=("poke", "X", [(40 + 11, 1e-320)]), stream=False, k=[])  # -> 0.0
 @example(layout="raw", how=("poke", "raw/X/data", [(7, math.inf)]), stream=True, k=[])
 def test_corrupted_h5ad(world, layout, how, stream, k):
     """``cicl fit`` (in memory and ``--stream``) on a small .h5ad with one random corruption."""
@@ -991,11 +1042,25 @@ def test_corrupted_h5ad(world, layout, how, stream, k):
         note(corrupt(inp, how))
     except (OSError, KeyError, TypeError, ValueError) as exc:  # h5py cannot make this edit
         note(f"corruption not applied: {exc!r}")
+    if how[0] in ("flip", "truncate") and crashes_hdf5(inp):
+        return  # known: see crashes_hdf5
     out = work / "out.h5ad"
     argv = ["fit", str(inp), "-o", str(out), *k, *FAST, *(["--stream"] if stream else [])]
     res = run_cli(argv)
     if assert_refused_or_done(res, out, None):
         assert_fit_output(out, "cicl", inp, stream)
+
+
+def test_sparse_check_sees_a_negative_last_pointer():
+    """scipy's full check skipped all its checks when the last pointer was negative, and the
+    next scipy kernel read out of bounds: `cicl fit` died of SIGSEGV (found above, X/indptr)."""
+    from cicl.data.io import check_sparse_structure
+    from cicl.errors import InputError
+
+    ptr = np.array([0, 2**31 - 1, -1])
+    X = sp.csr_matrix((np.ones(3, np.float32), np.array([0, 1, 2]), ptr), shape=(2, 3))
+    with pytest.raises(InputError, match="corrupt"):
+        check_sparse_structure(X)
 
 
 @given(how=corruptions, role=st.sampled_from(["input", "reference"]), stream=st.booleans())
@@ -1009,6 +1074,8 @@ def test_corrupted_h5ad_in_predict(world, how, role, stream):
     except (OSError, KeyError, TypeError, ValueError) as exc:
         done = f"corruption not applied: {exc!r}"
     note(done)
+    if how[0] in ("flip", "truncate") and crashes_hdf5(bad):
+        return  # known: see crashes_hdf5
     if role == "reference" and done.startswith("uns/"):
         # known: load_reference (cicl/reference.py, reported) checks only the model record's
         # format tag, not its contents: a reference whose uns['cicl'] lost or changed an entry

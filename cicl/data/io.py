@@ -107,8 +107,8 @@ def read_annotations(path: str | Path, parts: tuple[str, ...] = ("obs", "var")) 
 
 
 def check_h5ad_layout(path: str | Path) -> None:
-    """The file read as anndata reads it, its matrices left on disk: obs and var present, every
-    element's encoding one anndata knows, every matrix the shape of its axes. Streamed runs
+    """The file read as anndata reads it, its matrices left on disk: obs and var present (and
+    raw's), every element's encoding one anndata knows, every matrix the shape of its axes. Streamed runs
     read the matrices with h5py and write a copy of the file: a file anndata cannot open would
     give an output it cannot open either."""
     import h5py
@@ -124,7 +124,8 @@ def check_h5ad_layout(path: str | Path) -> None:
         return read(elem)
 
     with h5py.File(path, "r") as f:
-        missing = [part for part in ("obs", "var") if part not in f]
+        parts = ("obs", "var", *(("raw/X", "raw/var") if "raw" in f else ()))
+        missing = [part for part in parts if part not in f]
         if missing:
             raise InputError(f"'{path}' has no {' and no '.join(missing)}: not an .h5ad file.")
         read_dispatched(f, lazy)
@@ -190,14 +191,19 @@ def check_axes(adata: ad.AnnData) -> None:
 def check_sparse_structure(X) -> None:
     """A sparse matrix whose index arrays are broken (column indices out of range, pointers not
     increasing, lengths that disagree): refused here, since scipy's kernels trust them and a
-    broken file would crash the process, not raise."""
+    broken file would crash the process, not raise. The pointers are checked to rise from 0
+    first: scipy's full check cuts the arrays at the last pointer and skips its checks when
+    that is negative, and the next kernel read out of bounds (a segfault)."""
     if not sp.issparse(X) or X.format not in ("csr", "csc"):
         return
     try:
+        ptr = np.asarray(X.indptr)
+        if ptr.ndim != 1 or not ptr.size or ptr[0] != 0 or (np.diff(ptr) < 0).any():
+            raise ValueError("the index pointers do not rise from 0")
         with warnings.catch_warnings():  # scipy's notes on odd dtypes: the error says it all
             warnings.simplefilter("ignore")
             X.check_format(full_check=True)
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, TypeError) as exc:
         raise InputError(
             f"The expression matrix is corrupt ({exc}). Rewrite the file from its source."
         ) from None
