@@ -157,6 +157,7 @@ def result_uns(
         "history": pd.DataFrame(res.history).to_dict(orient="list") if res.history else {},
         "epochs": int(res.epochs),
         "steps": int(res.steps),
+        "time_budget_hit": bool(res.budget_hit),
         "seconds": float(seconds),
         "workers": int(workers),
         "device": res.device,
@@ -252,7 +253,7 @@ def fit_h5ad_stream(
             res, parts = fit_ray_stream(setup, k, cfg, ray_options, progress=progress)
         else:
             blocks = BlockFile(Path(scratch) / "embedding.npy", n)
-            src = H5adSource(setup.path, 0, n, transform)
+            src = H5adSource(setup.path, np.arange(n), transform, cfg.train.chunk_size)
             res = train_stream(
                 src,
                 k,
@@ -266,7 +267,7 @@ def fit_h5ad_stream(
             )
             src.close()
             blocks.close()
-            res.labels, parts = blocks.labels, [(0, n, blocks.path)]
+            res.labels, parts = blocks.labels, [(0, n, blocks.path, 0)]
         info = dict(prep.info, n_cells=int(n))
         model = _streamed_model(res, prep, cfg, parts)
         seconds = time.perf_counter() - t0
@@ -285,19 +286,17 @@ def _streamed_model(res: TrainResult, prep, cfg: CICLConfig, parts: list) -> dic
     chunk from ``parts``; cluster sizes from every label."""
     from dataclasses import replace
 
-    from cicl.data.io import npy_rows
+    from cicl.data.io import embedding_windows, npy_rows
 
     n = len(res.labels)
     rows = np.arange(n)
     if n > MODEL_SAMPLE:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(n, MODEL_SAMPLE, replace=False))
-    picked = []
-    for start, stop, path in parts:
-        for a in range(start, stop, 65_536):
-            b = min(a + 65_536, stop)
-            want = rows[(rows >= a) & (rows < b)]
-            if len(want):
-                picked.append(npy_rows(path, a - start, b - start)[want - a])
+    d = npy_rows(parts[0][2], 0, 0).shape[1]
+    picked = [
+        block[rows[(rows >= a) & (rows < a + len(block))] - a]
+        for a, block in embedding_windows(parts, n, d, 65_536)
+    ]
     sample = replace(res, labels=res.labels[rows], embedding=np.concatenate(picked))
     model = model_record(sample, prep, cfg.preprocess.max_value)
     model["cluster_sizes"] = np.bincount(res.labels, minlength=len(res.centroids))

@@ -206,8 +206,19 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     device: str = "auto"  # "auto" picks cuda when available
-    # streaming (atlases read from disk): cells read per block; mixing neighbours come from it
+    # auto schedule: an epoch is at most this many steps. A large dataset's passes are cut
+    # into epochs, so it gets reclustering rounds (cluster.recluster_every epochs apart) while
+    # it trains; a dataset whose pass is this many steps or fewer (25,600 cells at batch 256)
+    # keeps one pass per epoch
+    epoch_steps: int = 100
+    # stop training after this many seconds of it (then the last round and the final
+    # partition, as at the end of the schedule); None: the schedule decides
+    time_budget: float | None = None
+    # streaming (atlases read from disk): cells per pool (mixing neighbours and minibatches
+    # come from it), made of random chunks of chunk_size consecutive file rows, so that a file
+    # stored sorted (by type, donor, sample) is read in random order, in runs of rows
     block_size: int = 4096
+    chunk_size: int = 256
     steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over the cells)
 
     def __post_init__(self) -> None:
@@ -304,6 +315,9 @@ LIMITS: dict[str, str] = {
     "train.weight_decay": ">= 0",
     "train.block_size": ">= 64",
     "train.steps_per_epoch": ">= 1",
+    "train.epoch_steps": ">= 1",
+    "train.time_budget": "> 0",
+    "train.chunk_size": ">= 1",
     "seed": "in [0, 4294967295]",  # numpy's seeds
 }
 

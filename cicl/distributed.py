@@ -351,6 +351,7 @@ def load_result(out_dir: Path, labels: np.ndarray, emb: np.ndarray) -> TrainResu
         history=meta["history"],
         epochs=meta["epochs"],
         steps=meta["steps"],
+        budget_hit=meta.get("budget_hit", False),
         timings=meta.get("timings", {}),
         encoder_state=dict(np.load(enc)) if enc.exists() else {},
         pca_center=None if meta.get("pca_center") is None else np.asarray(meta["pca_center"]),
@@ -472,6 +473,7 @@ def _write_meta(out: Path, res: TrainResult) -> None:
         "history": res.history,
         "epochs": res.epochs,
         "steps": res.steps,
+        "budget_hit": res.budget_hit,
         "pca_center": None if res.pca_center is None else res.pca_center.tolist(),
         "pca_scale": res.pca_scale,
         "device": res.device,
@@ -503,13 +505,21 @@ class StreamSetup:
     pca_stats: tuple[np.ndarray, float]
 
 
+def stream_shards(setup: StreamSetup, cfg: CICLConfig, world: int) -> list[np.ndarray]:
+    """Every rank's file rows (``shard_rows``: chunks dealt in turn, whatever the order)."""
+    from cicl.data.stream import shard_rows
+
+    return shard_rows(setup.n_cells, world, cfg.train.chunk_size)
+
+
 def fit_ray_stream(
     setup: StreamSetup, n_clusters: int, cfg: CICLConfig, opts: RayOptions, *, progress: bool
 ) -> tuple[TrainResult, list[tuple[int, int, Path]]]:
     """Streaming training over Ray Train workers, each reading its own rows of the file.
     Returns the result with every cell's label in file order (its embedding left empty) and
-    where the embedding is: (start, stop, .npy file) per worker, never stitched in memory."""
-    from cicl.data.stream import row_ranges
+    where the embedding is: (start, stop, .npy file, row in it) per run of file rows a worker
+    held, never stitched in memory."""
+    from cicl.data.stream import runs
 
     t0 = time.perf_counter()
     run = prepare_run(opts)
@@ -520,9 +530,14 @@ def fit_ray_stream(
     run_workers(_stream_worker_loop, wc, plan, run, max_failures=opts.max_failures)
     labels = np.empty(setup.n_cells, dtype=np.int64)
     parts = []
-    for r, (a, b) in enumerate(row_ranges(setup.n_cells, opts.workers)):
-        labels[a:b] = np.load(run.out_dir / f"rank{r}_labels.npy")
-        parts.append((a, b, run.out_dir / f"rank{r}_embedding.npy"))
+    for r, rows in enumerate(stream_shards(setup, cfg, opts.workers)):
+        labels[rows] = np.load(run.out_dir / f"rank{r}_labels.npy")
+        path, at = run.out_dir / f"rank{r}_embedding.npy", 0
+        for a, b in zip(*runs(rows), strict=True):  # each run of file rows: where it is
+            parts.append((int(a), int(b), path, at))
+            at += int(b - a)
+        del rows
+    parts.sort(key=lambda part: part[0])
     if progress:
         print(
             f"Ray Train (streaming): {opts.workers} workers, run '{run.name}' under {run.storage}"
@@ -533,20 +548,20 @@ def fit_ray_stream(
 
 
 def _stream_worker_loop(wc: WorkerConfig) -> None:
-    """Every worker streams rows [start, stop) of the file; results go to .npy files in
-    blocks, so neither input nor output is ever held whole."""
+    """Every worker streams its rows of the file (``stream_shards``); results go to .npy
+    files in blocks (in the rank's row order), so neither input nor output is ever held whole."""
     import ray
 
     from cicl.comm import default_comm
-    from cicl.data.stream import H5adSource, row_ranges
+    from cicl.data.stream import H5adSource
     from cicl.train.stream import train_stream
 
     rank, cfg, restore = _worker_setup(wc)
     setup = wc.stream
     assert setup is not None
     comm = default_comm()
-    a, b = row_ranges(setup.n_cells, comm.world)[rank]
-    src = H5adSource(setup.path, a, b, setup.transform)
+    rows = stream_shards(setup, cfg, comm.world)[rank]
+    src = H5adSource(setup.path, rows, setup.transform, cfg.train.chunk_size)
     out = Path(wc.out_dir)
     lab_tmp, emb_tmp = out / f".rank{rank}_labels.npy", out / f".rank{rank}_embedding.npy"
     files: dict[str, np.ndarray] = {}  # result memmaps, opened when the first block arrives

@@ -369,12 +369,13 @@ def write_result_file(
     key: str,
     labels: pd.Categorical,
     uns: dict,
-    embedding: list[tuple[int, int, Path]],
+    embedding: list[tuple[int, int, Path, int]],
     chunk: int = 65_536,
 ) -> None:
     """A streamed fit's result without the atlas' matrices: the input's cell names and genes,
-    ``obs[key]``, ``obsm["X_" + key]`` (copied from ``embedding``: .npy files holding rows
-    [start, stop) each, ``chunk`` rows at a time) and ``uns[key]``; no X. Memory: the labels and
+    ``obs[key]``, ``obsm["X_" + key]`` (copied from ``embedding``: (start, stop, .npy file,
+    offset): file rows [start, stop) are that .npy's rows from offset on; ``chunk`` rows at a
+    time) and ``uns[key]``; no X. Memory: the labels and
     one chunk. Cell names are copied from the input dataset to dataset, never loaded."""
     import h5py
     from anndata.io import read_elem, write_elem
@@ -397,7 +398,26 @@ def write_result_file(
             chunks=(max(1, min(chunk, 4096, len(labels))), d),
         )
         ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        for start, stop, path in embedding:
-            for a in range(start, stop, chunk):
-                b = min(a + chunk, stop)
-                ds[a:b] = npy_rows(path, a - start, b - start)
+        for a, block in embedding_windows(embedding, len(labels), d, chunk):
+            ds[a : a + len(block)] = block
+
+
+def embedding_windows(
+    parts: list[tuple[int, int, Path, int]], n: int, d: int, size: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Rows [a, a + size) of a streamed fit's embedding, in file order, assembled from its
+    ``parts`` (see ``write_result_file``): one window in memory at a time."""
+    parts = sorted(parts, key=lambda p: p[0])
+    i = 0
+    for a in range(0, n, size):
+        b = min(a + size, n)
+        block = np.empty((b - a, d), np.float32)
+        while i < len(parts) and parts[i][1] <= a:
+            i += 1
+        j = i
+        while j < len(parts) and parts[j][0] < b:
+            start, stop, path, at = parts[j]
+            lo, hi = max(start, a), min(stop, b)
+            block[lo - a : hi - a] = npy_rows(path, at + lo - start, at + hi - start)
+            j += 1
+        yield a, block

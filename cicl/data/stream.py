@@ -108,13 +108,31 @@ def _read_rows(f: h5py.File, rows: np.ndarray, matrix: str = "X"):
 
 
 def _read_block(X, rows: np.ndarray):
-    contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)
-    if isinstance(X, h5py.Dataset):  # dense X
-        if contiguous:
-            return sp.csr_matrix(X[int(rows[0]) : int(rows[-1]) + 1])
-        return sp.csr_matrix(X[rows])
-    ds = ad.io.sparse_dataset(X)
-    return ds[int(rows[0]) : int(rows[-1]) + 1] if contiguous else ds[rows]
+    """Rows (sorted) of an on-disk matrix: one slice per run of consecutive rows, so a pool of
+    a few chunks costs a few reads, not one per row."""
+    rows = np.asarray(rows)
+    if not len(rows):
+        return sp.csr_matrix((0, _n_cols(X)), dtype=np.float32)
+    dense = isinstance(X, h5py.Dataset)
+    ds = X if dense else ad.io.sparse_dataset(X)
+    starts, stops = runs(rows)
+    if len(starts) > len(rows) // 4 and len(starts) > 1:  # scattered rows: one fancy read
+        return sp.csr_matrix(ds[rows])
+    parts = [sp.csr_matrix(ds[int(a) : int(b)]) for a, b in zip(starts, stops, strict=True)]
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def _n_cols(X) -> int:
+    return int(X.shape[1] if isinstance(X, h5py.Dataset) else X.attrs["shape"][1])
+
+
+def runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of the runs of consecutive values in sorted ``rows``."""
+    rows = np.asarray(rows)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.r_[0, breaks]]
+    stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+    return starts, stops
 
 
 @dataclass(frozen=True)
@@ -286,12 +304,16 @@ def _with_every_batch(rows: np.ndarray, codes: np.ndarray, rng, per_batch: int =
 
 
 class H5adSource:
-    """One rank's rows [start, stop) of an ``.h5ad``, read through a ``BlockTransform``.
-    Picklable: the file is opened lazily in the process that reads."""
+    """One rank's rows of an ``.h5ad`` (``rows``: sorted file rows; local cell ``i`` is file
+    row ``rows[i]``), read through a ``BlockTransform``. ``chunk_starts``: where each chunk of
+    consecutive file rows begins among the local cells (``shard_rows``): streaming draws its
+    pools from them. Picklable: the file is opened lazily in the process that reads."""
 
-    def __init__(self, path: str | Path, start: int, stop: int, transform: BlockTransform):
-        self.path, self.start, self.stop, self.transform = str(path), start, stop, transform
-        self.n = stop - start
+    def __init__(self, path: str | Path, rows: np.ndarray, transform: BlockTransform, chunk=None):
+        self.path, self.transform = str(path), transform
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.n = len(self.rows)
+        self.chunk_starts = chunk_starts(self.rows, chunk or max(self.n, 1))
         self.has_counts = transform.kind == "counts"
         self._f: h5py.File | None = None
 
@@ -301,7 +323,7 @@ class H5adSource:
     def _raw(self, idx: np.ndarray):
         if self._f is None:
             self._f = h5py.File(self.path, "r")
-        rows = np.asarray(idx) + self.start
+        rows = self.rows[np.asarray(idx)]
         return _read_rows(self._f, rows, self.transform.matrix), rows
 
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +341,31 @@ class H5adSource:
             self._f = None
 
 
-def row_ranges(n: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous near-equal row ranges, one per rank."""
-    cuts = np.linspace(0, n, world + 1).round().astype(int)
-    return [(int(cuts[i]), int(cuts[i + 1])) for i in range(world)]
+def shard_rows(n: int, world: int, chunk: int) -> list[np.ndarray]:
+    """Every rank's file rows: the file cut into chunks of ``chunk`` consecutive rows, dealt
+    to the ranks in turn (rank r: chunks r, r + world, ...). Whatever order the file is
+    stored in (sorted by type, donor, sample), every stretch of it is shared evenly, so each
+    rank holds all of its cell types in their shares, and reads stay runs of ``chunk`` rows.
+    Fixed for the whole fit: pseudo-labels and K-means shards belong to a rank's cells."""
+    starts = np.arange(0, n, max(1, chunk))
+    out = []
+    for r in range(world):
+        mine = starts[r::world]
+        out.append(
+            np.concatenate([np.arange(a, min(a + chunk, n)) for a in mine])
+            if len(mine)
+            else np.zeros(0, np.int64)
+        )
+    return out
+
+
+def chunk_starts(rows: np.ndarray, chunk: int) -> np.ndarray:
+    """Local offsets where a chunk begins: at every break in ``rows`` and every ``chunk`` rows
+    within a run."""
+    if not len(rows):
+        return np.zeros(0, np.int64)
+    starts, stops = runs(rows)
+    local = np.r_[0, np.cumsum(stops - starts)[:-1]]
+    return np.concatenate(
+        [np.arange(o, o + (b - a), chunk) for o, a, b in zip(local, starts, stops, strict=True)]
+    ).astype(np.int64)

@@ -108,6 +108,8 @@ class InMemoryCells:
         self.counts = tensor(counts) if plan.recon == "nb" else None
         self.library = None if self.counts is None else self.counts.sum(1)
         self.views = None
+        self._perm: torch.Tensor | None = None  # the running pass and where it is
+        self._at = 0
         if cfg.augment.resample == "static":  # official code: two views drawn once
             every = self._batch(torch.arange(x.shape[0], device=device))
             self.views = (plan.view(every), plan.view(every))
@@ -124,16 +126,26 @@ class InMemoryCells:
         return Batch(idx, idx, self.x, self.nbr, self.counts, self.library, views)
 
     def batches(self, size: int, steps: int, gen: torch.Generator) -> Iterator[Batch]:
-        perm = torch.randperm(self.x.shape[0], generator=gen, device=gen.device)
-        for i in range(steps):
-            yield self._batch(perm[i * size : (i + 1) * size])
+        """Minibatches of a shuffled pass; an epoch shorter than a pass (``train.epoch_steps``)
+        goes on where the last one left it, a new pass is drawn when too few cells are left."""
+        for _ in range(steps):
+            if self._perm is None or self._at + size > len(self._perm):
+                self._perm, self._at = (
+                    torch.randperm(len(self.x), generator=gen, device=gen.device),
+                    0,
+                )
+            yield self._batch(self._perm[self._at : self._at + size])
+            self._at += size
 
     def fit_space(self, train_mode: bool) -> torch.Tensor:
         h = embed(self.plan.model, self.x, train_mode=train_mode)
         return cluster_space(h, self.pca_block, self.plan.cfg.cluster.space)
 
-    def assign(self, centroids: torch.Tensor, train_mode: bool) -> tuple[torch.Tensor, ...]:
-        return student_t(self.fit_space(train_mode), centroids, self.plan.cfg.cluster.alpha).max(1)
+    def assign(
+        self, centroids: torch.Tensor, train_mode: bool, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        h = self.fit_space(train_mode) if h is None else h
+        return student_t(h, centroids, self.plan.cfg.cluster.alpha).max(1)
 
     def label(self, final: KMeansResult, metric: Metric | None, h_fit: torch.Tensor) -> tuple:
         return h_fit.cpu().numpy(), final.labels.cpu().numpy()

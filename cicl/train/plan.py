@@ -36,7 +36,7 @@ from cicl.comm import Comm
 from cicl.config import CICLConfig
 from cicl.model.augment import augment
 from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES, gaussian_nll, nb_nll
-from cicl.model.modules import CICLModel, global_batch_norm, student_t
+from cicl.model.modules import CICLModel, global_batch_norm
 from cicl.train.final import final_partition, metric_record
 
 RoundMetrics = Callable[[np.ndarray, Callable[[], np.ndarray]], dict]
@@ -84,8 +84,11 @@ class Cells(Protocol):
     def fit_space(self, train_mode: bool) -> torch.Tensor:
         """The embedding of the cells K-means fits."""
 
-    def assign(self, centroids: torch.Tensor, train_mode: bool) -> tuple[torch.Tensor, ...]:
-        """(confidence, label) of every local cell under the Student's t head."""
+    def assign(
+        self, centroids: torch.Tensor, train_mode: bool, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """(confidence, label) of the local cells under the Student's t head (``h``: the
+        fitted cells' embedding, when the round has just computed it)."""
 
     def label(self, final: KMeansResult, metric: Metric | None, h_fit: torch.Tensor) -> tuple:
         """(embedding, label) arrays of every local cell under the final partition."""
@@ -120,6 +123,7 @@ class TrainResult:
     # the final partition's fitted metric (``cluster.metric``: tied / full): how a cell is
     # assigned to a centroid (``metric_record``'s arrays); None: Euclidean
     metric: dict[str, np.ndarray | float] | None = None
+    budget_hit: bool = False  # training stopped at train.time_budget, before its schedule's end
 
 
 class TrainingPlan:
@@ -160,6 +164,7 @@ class TrainingPlan:
         self.conf = self.labels = self.prev_labels = torch.empty(0)
         self.history: list[dict] = []
         self.steps = 0
+        self.budget_hit = False  # train.time_budget spent: training stopped early
         self.timings = dict.fromkeys(("read", "train", "kmeans", "assign"), 0.0)
 
     def fit(
@@ -190,19 +195,37 @@ class TrainingPlan:
         self.prev_labels = self.labels.clone()
         sched = self.sched
         bar = _progress(sched.epochs, progress and self.rank == 0, initial=start - 1)
+        self.epoch = start - 1
         for epoch in range(start, sched.epochs + 1):
             self.model.train()
             cluster_term = self.cfg.loss.lam > 0 and epoch > sched.warm_epoch
             with self.timed("train"):
                 batches = cells.batches(sched.batch_local, sched.steps_per_epoch, self.gen)
-                losses = [self.step(batch, cluster_term) for batch in batches]
+                losses = []
+                for batch in batches:
+                    losses.append(self.step(batch, cluster_term))
+                    if self.out_of_time():
+                        break
+            self.epoch = epoch
             self.end_epoch(epoch, cluster_term, losses)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(o.total for o in losses) / max(len(losses), 1):.3f}")
+            if self.budget_hit:
+                break
         if bar is not None:
             bar.close()
         return self.finalize()
+
+    def out_of_time(self) -> bool:
+        """Whether ``train.time_budget`` is spent (the slowest rank's clock, so every rank
+        stops at the same step)."""
+        budget = self.cfg.train.time_budget
+        if budget is None:
+            return False
+        spent = torch.tensor(time.perf_counter() - self.t0, dtype=torch.float64)
+        self.budget_hit = bool(self.comm.max(spent) > budget)
+        return self.budget_hit
 
     def step(self, batch: Batch, cluster_term: bool) -> LossOutput:
         """One optimiser step on ``batch``, with the cells' pseudo-labels when ``cluster_term``."""
@@ -233,26 +256,25 @@ class TrainingPlan:
             sync_norm_stats(self.model, self.comm)
             h = self.cells.fit_space(self.pl_train)
             self.km = round_kmeans(h, self.k, self.cfg, self.km, self.comm)
-        self.refresh_pseudo_labels(h if self.cells.fits_all else None)
+        self.refresh_pseudo_labels(h)
 
     def refresh_pseudo_labels(self, h: torch.Tensor | None = None) -> None:
-        """Every local cell's pseudo-label and confidence against the current centroids.
-        ``h``: every cell's embedding when the round has just computed it (in eval mode; a
-        train-mode one is drawn afresh, with its own dropout)."""
+        """The local cells' pseudo-labels and confidences against the current centroids
+        (``Cells.assign``). ``h``: the fitted cells' embedding when the round has just computed
+        it (in eval mode; a train-mode one is drawn afresh, with its own dropout)."""
         with self.timed("assign"):
-            if h is None or self.pl_train:
+            fresh = None if self.pl_train else h
+            if fresh is None:
                 sync_norm_stats(self.model, self.comm)
-                self.conf, self.labels = self.cells.assign(self.km.centroids, self.pl_train)
-            else:
-                q = student_t(h, self.km.centroids, self.cfg.cluster.alpha)
-                self.conf, self.labels = q.max(1)
+            self.conf, self.labels = self.cells.assign(self.km.centroids, self.pl_train, fresh)
 
     def end_epoch(self, epoch: int, cluster_term: bool, losses: list[LossOutput]) -> None:
         """A reclustering round every ``recluster_every`` epochs and after the last one; without
         rounds, the pseudo-labels against the fixed centroids once the cluster term is on. A
         history entry every round (without rounds, every 5 epochs, as the official code) and
         after the last epoch."""
-        every, last = self.cfg.cluster.recluster_every, epoch == self.sched.epochs
+        every = self.cfg.cluster.recluster_every
+        last = epoch == self.sched.epochs or self.budget_hit
         if every is None and cluster_term:
             self.refresh_pseudo_labels()
         if every is not None and (epoch % every == 0 or last):
@@ -291,8 +313,9 @@ class TrainingPlan:
             labels=labels,
             centroids=final.centroids.cpu().numpy(),
             history=self.history,
-            epochs=self.sched.epochs,
+            epochs=self.epoch,
             steps=self.steps,
+            budget_hit=self.budget_hit,
             seconds=time.perf_counter() - self.t0,
             timings=self.timings,
             encoder_state=encoder_state(self.model),
@@ -356,15 +379,24 @@ class Schedule:
 
 
 def schedule(cfg: CICLConfig, n: int, n_local: int, comm: Comm) -> Schedule:
-    """The training schedule for ``n`` cells, ``n_local`` of them on this rank."""
-    bs = min(cfg.train.batch_size, n)
-    epochs = cfg.train.epochs or auto_epochs(
-        n, bs, cfg.train.auto_epochs, cfg.train.min_steps, cfg.train.max_steps
-    )
+    """The training schedule for ``n`` cells, ``n_local`` of them on this rank. The automatic
+    one trains ``auto_epochs`` passes within [``min_steps``, ``max_steps``] steps, but never
+    less than one pass (an atlas is seen whole, its cost grows with it), and cuts passes
+    longer than ``train.epoch_steps`` steps into epochs of that length: reclustering rounds
+    come every ``cluster.recluster_every`` epochs, so a large dataset gets rounds while it
+    trains, not only at its end."""
+    t = cfg.train
+    bs = min(t.batch_size, n)
     b_local = max(1, bs // comm.world)  # the global batch is split evenly over ranks
-    steps = int(comm.min(torch.tensor(max(1, n_local // b_local))))
-    if cfg.train.steps_per_epoch is not None:
-        steps = min(steps, cfg.train.steps_per_epoch)
+    steps = int(comm.min(torch.tensor(max(1, n_local // b_local))))  # one pass
+    if t.steps_per_epoch is not None:
+        steps = min(steps, t.steps_per_epoch)
+    epochs = t.epochs
+    if epochs is None:
+        epochs = auto_epochs(n, bs, t.auto_epochs, t.min_steps, t.max_steps)
+        if t.steps_per_epoch is None and steps > t.epoch_steps:
+            total = epochs * steps  # whole passes
+            epochs, steps = math.ceil(total / t.epoch_steps), t.epoch_steps
     return Schedule(epochs, b_local, steps, int(round(cfg.loss.warmup_frac * epochs)))
 
 

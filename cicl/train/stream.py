@@ -34,6 +34,7 @@ BlockSink = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (cells, labe
 class Source(Protocol):
     n: int  # this rank's cells
     has_counts: bool  # whether ``read_counts`` gives the raw counts (count input)
+    chunk_starts: np.ndarray  # local offsets where a run of cells read together begins
 
     def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(x, pcs) float32 for the sorted local cell indices ``idx``."""
@@ -52,14 +53,27 @@ def block_knn(pcs: torch.Tensor, k: int) -> torch.Tensor:
     return d.topk(k, largest=False).indices
 
 
-def _blocks(n: int, size: int, gen: torch.Generator | None) -> Iterator[np.ndarray]:
-    starts = np.arange(0, n, size)
-    order = None
-    if gen is not None:
-        order = torch.randperm(len(starts), generator=gen, device=gen.device).cpu().numpy()
-    for i in order if order is not None else range(len(starts)):
-        s = int(starts[i])
+def _blocks(n: int, size: int) -> Iterator[np.ndarray]:
+    """Local cells in order, ``size`` at a time (passes that visit every cell once)."""
+    for s in range(0, n, size):
         yield np.arange(s, min(s + size, n))
+
+
+def _pools(starts: np.ndarray, n: int, size: int, gen: torch.Generator) -> Iterator[np.ndarray]:
+    """One pass over the local cells in pools of about ``size`` cells, each pool the union of
+    random chunks (``starts``: local offsets where chunks begin), sorted for reading."""
+    ends = np.r_[starts[1:], n]
+    order = torch.randperm(len(starts), generator=gen, device=gen.device).cpu().numpy()
+    pool: list[np.ndarray] = []
+    have = 0
+    for i in order:
+        pool.append(np.arange(starts[i], ends[i]))
+        have += ends[i] - starts[i]
+        if have >= size:
+            yield np.sort(np.concatenate(pool))
+            pool, have = [], 0
+    if pool:
+        yield np.sort(np.concatenate(pool))
 
 
 def train_stream(
@@ -110,24 +124,39 @@ class StreamedCells:
         self.pca_center = np.asarray(pca_stats[0], dtype=np.float64)
         self.pca_scale = weight / float(pca_stats[1])
         self.pca_weight = weight if cfg.cluster.space == "hybrid" else None
-        # fixed K-means sample: whole blocks (cheap contiguous reads), same on every restart
-        starts = np.arange(0, source.n, self.block)
-        np.random.default_rng(cfg.seed + comm.rank).shuffle(starts)
-        blocks = [np.arange(s, min(s + self.block, source.n)) for s in starts]
-        want = max(plan.k, cfg.cluster.kmeans_sample // comm.world)
-        self.sample = np.sort(np.concatenate(blocks)[:want])
+        # fixed K-means sample: random cells (one scattered read per round), same on restart
+        want = min(source.n, max(plan.k, cfg.cluster.kmeans_sample // comm.world))
+        pick = np.random.default_rng(cfg.seed + comm.rank).choice(source.n, want, replace=False)
+        self.sample = np.sort(pick)
         self.n_fit = int(comm.sum(torch.tensor(len(self.sample), dtype=torch.long)))
+        # pseudo-labels are only read by the cluster-aware term: without it (lam = 0) a round
+        # labels the K-means sample alone (the history's label change), not every cell
+        self.lazy = cfg.loss.lam > 0
+        self._pool_iter: Iterator[np.ndarray] | None = None
+
+    def _next_pool(self, gen: torch.Generator) -> np.ndarray:
+        """The next pool of the running pass; a new shuffled pass when one ends (epochs may be
+        shorter than a pass: the pass goes on where the last epoch left it)."""
+        while True:
+            if self._pool_iter is None:
+                self._pool_iter = _pools(self.source.chunk_starts, self.source.n, self.block, gen)
+            idx = next(self._pool_iter, None)
+            if idx is not None:
+                return idx
+            self._pool_iter = None
 
     def batches(self, size: int, steps: int, gen: torch.Generator) -> Iterator[Batch]:
-        """Shuffled blocks, each read once: its kNN graph, then minibatches from a shuffle of
-        its cells. A rank that runs out of cells before ``steps`` starts over."""
-        done, blocks = 0, _blocks(self.source.n, self.block, gen)
+        """Pools of random chunks, each read once: its kNN graph, its cells' pseudo-labels
+        against the current centroids (when the cluster-aware term is on), then minibatches
+        from a shuffle of its cells. A pool too small for a minibatch is skipped."""
+        done = 0
         while done < steps:
-            idx = next(blocks, None)
-            if idx is None:
-                blocks = _blocks(self.source.n, self.block, gen)
+            idx = self._next_pool(gen)
+            if len(idx) < size:
                 continue
             x, p, *counts = self._read(idx, with_counts=self.plan.recon == "nb")
+            if self.lazy and self.plan.km is not None:
+                self._pseudo_label(idx, x, p)
             nbr = block_knn(p, self.plan.cfg.augment.n_neighbors)
             perm = torch.randperm(len(idx), generator=gen, device=gen.device)
             c, lib = (counts[0], counts[0].sum(1)) if counts else (None, None)
@@ -136,18 +165,40 @@ class StreamedCells:
                 yield Batch(torch.from_numpy(idx)[rows.cpu()], rows, x, nbr, c, lib)
                 done += 1
 
+    def _pseudo_label(self, idx: np.ndarray, x: torch.Tensor, p: torch.Tensor) -> None:
+        """The pool's cells' pseudo-labels and confidences, by the encoder as it is now."""
+        plan = self.plan
+        with torch.no_grad():
+            h = embed(plan.model, x, batch=len(idx), train_mode=plan.pl_train)
+            h = cluster_space(h, (p - self.p_mean) * self.pca_scale, plan.cfg.cluster.space)
+            c, lab = student_t(h, plan.km.centroids, plan.cfg.cluster.alpha).max(1)
+        plan.conf[idx], plan.labels[idx] = c.cpu().half(), lab.cpu()
+
     def fit_space(self, train_mode: bool) -> torch.Tensor:
         s, b = self.sample, self.block
         return torch.cat([self._embed(s[i : i + b], train_mode) for i in range(0, len(s), b)])
 
-    def assign(self, centroids: torch.Tensor, train_mode: bool) -> tuple[torch.Tensor, ...]:
-        """On the CPU, confidences in half precision: a label and a number per cell."""
-        conf = torch.zeros(self.source.n, dtype=torch.float16)
-        labels = torch.zeros(self.source.n, dtype=torch.long)
-        alpha = self.plan.cfg.cluster.alpha
-        for idx in _blocks(self.source.n, self.block, None):
-            c, lab = student_t(self._embed(idx, train_mode), centroids, alpha).max(1)
-            conf[idx], labels[idx] = c.cpu().half(), lab.cpu()
+    def assign(
+        self, centroids: torch.Tensor, train_mode: bool, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """(confidence, label) on the CPU, confidences in half precision. Without the
+        cluster-aware term: the K-means sample's alone (the history's label change). With it:
+        every cell's, the sample's from this round (``h``: its embedding, when just computed),
+        the others' as of when their pool was last read (``batches`` labels each pool as it
+        is read, so a pass over every cell per round is never needed)."""
+        if h is None:
+            s, b = self.sample, self.block
+            with torch.no_grad():
+                h = torch.cat([self._embed(s[i : i + b], train_mode) for i in range(0, len(s), b)])
+        c, lab = student_t(h, centroids, self.plan.cfg.cluster.alpha).max(1)
+        if not self.lazy:
+            return c.cpu().half(), lab.cpu()
+        conf, labels = self.plan.conf, self.plan.labels
+        if labels.shape[0] != self.source.n:  # the first round; pools are labelled when read
+            conf = torch.zeros(self.source.n, dtype=torch.float16)
+            labels = torch.zeros(self.source.n, dtype=torch.long)
+        conf, labels = conf.clone(), labels.clone()
+        conf[self.sample], labels[self.sample] = c.cpu().half(), lab.cpu()
         return conf, labels
 
     def label(self, final: KMeansResult, metric: Metric | None, h_fit: torch.Tensor) -> tuple:
@@ -155,7 +206,7 @@ class StreamedCells:
         given (the arrays returned are then empty)."""
         dim = final.centroids.shape[1]
         embedding, labels = [np.zeros((0, dim), np.float32)], [np.zeros(0, np.int64)]
-        for idx in _blocks(self.source.n, self.block, None):
+        for idx in _blocks(self.source.n, self.block):
             h = self._embed(idx)
             lab = assign_cells(h, final.centroids, metric).cpu().numpy()
             if self.on_block is not None:
