@@ -1,11 +1,17 @@
 """Reading an atlas in shards straight from its ``.h5ad`` (layout choice: backed h5ad).
 
 Why backed h5ad and not Parquet through Ray Data: it is the file users already have (no
-conversion pass, no second copy of a 50 M-cell atlas); anndata reads any row range of a CSR
-``X`` cheaply; ownership of cells by ranks is fixed (contiguous row ranges), which pseudo-labels
-keyed by cell need and Ray Data's ``streaming_split`` does not promise; and a K-means round must
-pass over the shard several times per epoch, which is a plain re-read here. Multi-node runs need
-the file on shared storage (EFS/NFS/FSx, or an S3 mount).
+conversion pass, no second copy of a 50 M-cell atlas); anndata reads any run of rows of a CSR
+``X`` cheaply; ownership of cells by ranks is fixed (``shard_rows``), which pseudo-labels keyed
+by cell and distributed K-means need and Ray Data's ``streaming_split`` does not promise; and a
+K-means round re-reads its sample, which is a plain read here. Multi-node runs need the file on
+shared storage (EFS/NFS/FSx, or an S3 mount).
+
+Row order: atlases are stored sorted (by sample, donor, annotation). Ranks hold chunks of
+``train.chunk_size`` consecutive rows dealt in turn, so each holds every stretch of the file in
+its share; training draws pools of random chunks (``cicl.train.stream``). Reads stay runs of
+rows: a pool of 16 chunks costs 16 slices, not 4,096 row lookups (docs/distributed.md has the
+measurements and why this is written here rather than taken from annbatch or scdataset).
 
 Preprocessing is fitted once on a random sample of cells with the same scanpy pipeline as the
 in-memory path (``preprocess``), then applied per block: library normalisation and log1p are

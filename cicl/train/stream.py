@@ -1,14 +1,18 @@
 """CICL for atlases that do not fit in memory: the training plan (``cicl.train.plan``) fed
 block by block from disk.
 
-A ``Source`` hands out (scaled expression, PCA scores) for any sorted set of this rank's cells;
-nothing else about the storage is known here. Per epoch the rank visits its cells in shuffled
-blocks of ``train.block_size``; neighbour mixing uses the nearest neighbours within the block
-(in PCA space), and minibatches are drawn from the block. A reclustering round fits K-means
-(distributed, all ranks) on a fixed random sample of ``cluster.kmeans_sample`` cells, then
-streams every cell through the Student's t head for its pseudo-label. Memory per rank is one
-block, the K-means sample's embedding and one label + confidence per own cell; what would need
-more (``augment.resample: static``: two views of every cell) is refused.
+A ``Source`` hands out (scaled expression, PCA scores) for any sorted set of this rank's cells,
+and where its runs of consecutive file rows (chunks) begin; nothing else about the storage is
+known here. A pass visits the rank's cells in pools of ``train.block_size`` cells, each pool
+the union of random chunks, so a file stored sorted by type still gives mixed pools; passes run
+on across epochs (an epoch of an atlas is shorter than a pass). Neighbour mixing uses the
+nearest neighbours within the pool (in PCA space), and minibatches are drawn from the pool.
+A reclustering round fits K-means (distributed, all ranks) on a fixed random sample of
+``cluster.kmeans_sample`` cells; with the cluster-aware term on, each pool's cells get their
+pseudo-labels against the current centroids when the pool is read (a pass over every cell per
+round would cost as much as training), without it only the sample is labelled (the history).
+Memory per rank is one pool, the K-means sample's embedding and one label + confidence per own
+cell; what would need more (``augment.resample: static``: two views of every cell) is refused.
 """
 
 from __future__ import annotations
