@@ -22,6 +22,8 @@ from cicl.cli.parser import int_at_least, parse_set
 from cicl.config import load_config
 from cicl.errors import CICLError
 
+SAMPLE_CELLS = 50_000  # --sample-cells default (see its help)
+
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from cicl.api import write_result
@@ -184,9 +186,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLE_CELLS = 50_000  # --sample-cells default (see its help)
-
-
 def read_file_sample(path: str, n: int, cfg, layer: str, label_key: str | None):
     """``n`` random cells of the ``.h5ad`` at ``path`` (seeded by the config's seed), with the
     label column (scored only) and the batch column (preprocessing) of those cells."""
@@ -254,6 +253,7 @@ def fit_final(args, res, out: Path, workers: int, prep, sample) -> dict:
     import warnings
 
     import h5py
+    import pandas as pd
 
     from cicl.api import fit_h5ad_stream
     from cicl.data.sample import read_obs_column
@@ -297,7 +297,7 @@ def fit_final(args, res, out: Path, workers: int, prep, sample) -> dict:
     if args.label_key is not None:
         with h5py.File(args.input, "r") as f:
             truth = np.asarray(read_obs_column(f, args.label_key), dtype=object)
-        known = ~pd_isna(truth)
+        known = ~pd.isna(truth)
         final.update(truth_scores(labels[known], truth[known]))
         if objective in ("ari", "nmi"):
             final["objective"] = final[objective]
@@ -306,15 +306,10 @@ def fit_final(args, res, out: Path, workers: int, prep, sample) -> dict:
     run_id = log_final(args, res, cfg, uns, final, workers, sample, out)
     return {
         **{k_: round(v, 4) for k_, v in final.items()},
+        "n_clusters": k,
         "matrix": pre.get("matrix"),
         "mlflow_run": run_id,
     }
-
-
-def pd_isna(values: np.ndarray) -> np.ndarray:
-    import pandas as pd
-
-    return np.asarray(pd.isna(values), dtype=bool)
 
 
 def log_final(args, res, cfg, uns: dict, final: dict, workers: int, sample, out: Path) -> str:
