@@ -182,3 +182,39 @@ def test_tune_streams_an_atlas(atlas, tmp_path):
     assert {"final_seconds", "final_silhouette_pca", "final_objective", "final_ari"} <= set(m)
     assert final.data.params["n_cells"] == "3000" and final.data.params["sample_cells"] == "300"
     assert parent.data.params["sample_cells"] == "300"
+
+
+def test_a_resumed_sweep_leaves_its_final_fit_alone(tmp_path, capsys):
+    """The final fit's run is a child of the sweep's parent but no trial: closing the sweep
+    again (``--resume``) neither tags it lost nor deletes it, finished or still running."""
+    from types import SimpleNamespace
+
+    from cicl.sweep import close_orphans
+    from cicl.tracking import default_mlflow_uri, log_child_run, mlflow_client
+
+    uri = default_mlflow_uri(tmp_path)
+    c = mlflow_client(uri)
+    exp = c.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    parent = c.create_run(exp).info.run_id
+    done = log_child_run(
+        uri,
+        exp,
+        parent,
+        "final-t",
+        params={"a": 1},
+        history=[],
+        final={"n_clusters": 3},
+        files=[],
+        tags={"cicl.kind": "final"},
+    )
+    tags = {"mlflow.parentRunId": parent, "cicl.kind": "final"}
+    running = c.create_run(exp, tags=tags).info.run_id
+    setup = SimpleNamespace(mlflow_uri=uri, experiment_id=exp, parent_run_id=parent)
+    assert close_orphans(setup, []) == 0
+    for run_id, status in ((done, "FINISHED"), (running, "RUNNING")):
+        run = c.get_run(run_id)
+        assert run.info.lifecycle_stage == "active" and run.info.status == status
+        assert "cicl.lost" not in run.data.tags
+    got = c.get_run(done)
+    assert got.data.tags["mlflow.parentRunId"] == parent
+    assert got.data.metrics["final_n_clusters"] == 3 and got.data.params["a"] == "1"
