@@ -499,3 +499,42 @@ def log_fit(
             run_id=run_id,
         )
     return {"uri": uri, "experiment": experiment, "run_id": run_id}
+
+
+def log_child_run(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    run_name: str,
+    *,
+    params: dict[str, Any],
+    history: list[dict[str, Any]],
+    final: dict[str, float],
+    files: list[Path],
+    tags: dict[str, str],
+) -> str:
+    """Log a finished fit as a new run under ``parent_run_id`` (a sweep's fit of its best
+    configuration on the whole atlas beside its trials), with ``log_run``'s params, metrics
+    and artifacts; ``tags`` should set ``cicl.kind``. Always a new run (never found again by
+    tag: a second final fit is a second run). Returns its id."""
+    client = mlflow_client(uri)
+    run_id = client.create_run(
+        experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id, **tags}
+    ).info.run_id
+    try:
+        log_run(
+            uri,
+            "",
+            run_name,
+            params=params,
+            history=history,
+            final=final,
+            files=files,
+            tags=tags,
+            run_id=run_id,
+        )
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -284,6 +284,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="base config override"
     )
+    a = t.add_argument_group("atlases (files larger than memory)")
+    a.add_argument(
+        "--stream",
+        action="store_true",
+        help="never load the .h5ad: trials run on a random sample of --sample-cells cells read "
+        "from it, then the best configuration is fitted on every cell, streamed, into --out "
+        f"(automatic above {STREAM_MIN_CELLS:,} cells)",
+    )
+    a.add_argument(
+        "--sample-cells",
+        default=None,
+        metavar="N",
+        help="cells the trials run on with --stream (default 50,000: a cell type of 0.1%% "
+        "still has ~50 cells in it, and K's Leiden estimate, the K cap and the exact PCA stay "
+        "within their in-memory limits); drawn at random over the whole file, seeded by the "
+        "config's seed, without labels",
+    )
+    a.add_argument(
+        "--final-workers",
+        default=None,
+        metavar="W",
+        help="Ray Train workers of the final streamed fit on every cell (default: "
+        "--workers-per-trial)",
+    )
 
     r = sub.add_parser("runs", help="compare the runs of a sweep (from MLflow)")
     r.add_argument("--experiment", default=None, help="default: the latest experiment")

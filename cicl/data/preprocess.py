@@ -409,16 +409,22 @@ def _looks_scaled(X, max_genes: int = 2000) -> bool:
     return float(np.median(np.abs(mu[ok]) / sd[ok])) < 0.2
 
 
-def _pca(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact PCA through the SVD of the centred matrix (deterministic, no arpack seed).
-    Returns the scores and the (genes, n) loadings that map centred x to them."""
+EXACT_PCA_MAX_CELLS = 50_000  # exact SVD up to here; above, its float64 U would not fit
+
+
+def _pca(x: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of ``x``: the exact SVD of the centred matrix (deterministic, no arpack seed) up to
+    ``EXACT_PCA_MAX_CELLS`` cells with at most 3000 genes; beyond, a seeded randomised SVD (as
+    scanpy's), whose memory is the matrix and a few (cells, n) blocks, not a float64 copy
+    and a (cells, genes) U. Returns the scores and the (genes, n) loadings that map centred
+    x to them."""
     xc = x - x.mean(0, keepdims=True)
-    if min(xc.shape) <= 3000:
+    if x.shape[0] <= EXACT_PCA_MAX_CELLS and min(xc.shape) <= 3000:
         u, s, vt = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
-    else:  # pragma: no cover - large gene counts
+    else:
         from sklearn.utils.extmath import randomized_svd
 
-        u, s, vt = randomized_svd(xc, n, random_state=0)
+        u, s, vt = randomized_svd(xc, n, random_state=seed)
     u, s, vt = u[:, :n], s[:n], vt[:n]
     # sign convention: largest |u| entry positive, so results do not depend on LAPACK
     signs = np.sign(u[np.abs(u).argmax(0), np.arange(n)])

@@ -35,6 +35,7 @@ from cicl.tracking import (
 from cicl.train.loop import TrainResult
 
 TRIAL_DRIVER_CPU = 0.5  # what Tune reserves for each trial's driver (the trainable)
+FINAL_KIND = "final"  # ``cicl.kind`` of the run fitting the best config on a whole atlas
 
 
 @dataclass(frozen=True)
@@ -408,8 +409,9 @@ def _finish(
 def close_orphans(setup: SweepSetup, trials: list[dict]) -> int:
     """Leave no child run RUNNING and none that is not a trial of this sweep.
 
-    Runs still RUNNING (a trial ASHA stopped, or one that errored) are closed: KILLED when
-    stopped early, FAILED on error. A run whose trial Tune no longer knows is a trial the
+    The final fit of a streamed sweep (tag ``cicl.kind`` = ``FINAL_KIND``) is no trial: left
+    as it is. Runs still RUNNING (a trial ASHA stopped, or one that errored) are closed:
+    KILLED when stopped early, FAILED on error. A run whose trial Tune no longer knows is a trial the
     driver started after Tune last saved its state (Tune saves every 10 s or more) and then
     died; on ``--resume`` the searcher draws a new trial in its place, so that run would be a
     phantom next to the sweep's trials. Unfinished, it is deleted (MLflow's soft delete:
@@ -420,6 +422,8 @@ def close_orphans(setup: SweepSetup, trials: list[dict]) -> int:
     status = {t["trial_id"]: t for t in trials}
     deleted = 0
     for run in child_runs(client, setup.experiment_id, setup.parent_run_id):
+        if run.data.tags.get("cicl.kind") == FINAL_KIND:  # the best config on the whole atlas
+            continue
         t = status.get(run.data.tags.get("cicl.trial_id"))
         if t is None:
             client.set_tag(run.info.run_id, "cicl.lost", "true")
