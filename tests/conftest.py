@@ -33,7 +33,7 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 # Modules whose tests start Ray (a local instance, a 2-node cluster, sweeps in subprocesses):
 # under xdist they run one after another in one worker, never two Ray instances at once
 # (`ray stop` in one would kill the other's).
-RAY_MODULES = {"test_api_ray", "test_cluster", "test_ray_train", "test_tune"}
+RAY_MODULES = {"test_api_ray", "test_cluster", "test_ray_train", "test_tune", "test_tune_atlas"}
 
 
 def _scope(nodeid: str) -> str:

@@ -25,6 +25,6 @@ def test_math_layer_imports_nothing_heavy():
 
 def test_anndata_layer_imports_no_wiring():
     io = ["cicl.api", "cicl.reference", "cicl.data.io", "cicl.data.preprocess"]
-    io += ["cicl.data.stream", "cicl.data.estimate", "cicl.pipeline"]
+    io += ["cicl.data.stream", "cicl.data.estimate", "cicl.data.sample", "cicl.pipeline"]
     wiring = ["ray", "mlflow", "cicl.distributed", "cicl.sweep", "cicl.tracking", "cicl.cli"]
     assert _loaded_after_import(io, wiring) == []
