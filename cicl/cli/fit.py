@@ -78,6 +78,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         overrides = {"preset": args.preset, **overrides}
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.time_budget is not None:
+        overrides["train.time_budget"] = args.time_budget
     if args.batch_key is not None:
         overrides["preprocess.batch_key"] = args.batch_key
     cfg = load_config(args.config, overrides)

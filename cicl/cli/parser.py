@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs column with known labels: ARI/NMI are reported, never used to choose",
     )
     f.add_argument("--seed", type=int, default=None)
+    f.add_argument(
+        "--time-budget",
+        default=None,
+        metavar="SECONDS",
+        help="stop training after this many seconds, then partition as at the schedule's "
+        "end (train.time_budget; default: the schedule, at least one pass over every cell)",
+    )
     f.add_argument("--batch-key", default=None, help=BATCH_HELP)
     f.add_argument("--config", "-c", default=None, help="YAML config file")
     f.add_argument(

@@ -23,6 +23,7 @@ def result_fields(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "n_clusters_source": info["n_clusters_source"],
         "epochs": int(info["epochs"]),
         "steps": int(info["steps"]),
+        "time_budget_hit": bool(info.get("time_budget_hit", False)),
         "workers": int(info["workers"]),
         "device": str(info.get("device", "cpu")),
         "threads": int(info["threads"]),  # torch threads per process (write_result records it)
@@ -68,7 +69,9 @@ def print_summary(obs, key: str, r: dict[str, Any]) -> None:
         + ")",
         f"  clusters: {r['n_clusters']} ({r['n_clusters_source']}); "
         f"sizes {', '.join(f'{c}:{n}' for c, n in sizes.items())}",
-        f"  training: {r['epochs']} epochs, {r['steps']} steps, {r['workers']} worker(s) on "
+        f"  training: {r['epochs']} epochs, {r['steps']} steps"
+        + (" (stopped at --time-budget)" if r.get("time_budget_hit") else "")
+        + f", {r['workers']} worker(s) on "
         f"{r['device']}"
         + (f", {r['threads']} threads each" if r["device"] == "cpu" else "")
         + "; "
