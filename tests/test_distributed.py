@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,11 +25,11 @@ def _blobs(n: int = 601, seed: int = 0) -> torch.Tensor:
     return centers[lab] + torch.randn(n, 5, generator=g)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, fn_name: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: str | Callable) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        globals()[fn_name](TorchDistComm(), out_dir)
+        (globals()[fn] if isinstance(fn, str) else fn)(TorchDistComm(), out_dir)
     finally:
         dist.destroy_process_group()
     # DDP keeps the gloo group (and its threads) alive past destroy_process_group in torch
@@ -40,10 +41,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn_name: str) -
     os._exit(0)
 
 
-def _spawn(fn_name: str, world: int = 2) -> str:
+def _spawn(fn: str | Callable[[TorchDistComm, str], None], world: int = 2) -> str:
+    """Runs ``fn(comm, out_dir)`` on every rank of a ``world``-process gloo group (``fn``: a
+    function of this module by name, or a module-level function of another test module);
+    returns ``out_dir``, where the ranks save what the test compares."""
     out_dir = tempfile.mkdtemp()
     init_file = os.path.join(out_dir, "pg")
-    mp.spawn(_worker, args=(world, init_file, out_dir, fn_name), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init_file, out_dir, fn), nprocs=world, join=True)
     return out_dir
 
 
