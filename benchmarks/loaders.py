@@ -24,10 +24,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+from scaling import _markdown  # benchmarks/ is on the path when run as a script
 
 from cicl.data.stream import _read_block, chunk_starts
 from cicl.train.stream import _pools
-from scaling import _markdown  # benchmarks/ is on the path when run as a script
 
 RESULTS = Path(__file__).parent / "results"
 

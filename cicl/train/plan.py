@@ -251,11 +251,19 @@ class TrainingPlan:
 
     def recluster(self) -> None:
         """A reclustering round: K-means on the embedding (``round_kmeans``: restarts, and a
-        warm start from the last round's centroids), then every cell's pseudo-label."""
+        warm start from the last round's centroids), then every cell's pseudo-label. Streamed
+        without the cluster-aware term, pseudo-labels are never read and the rounds only feed
+        the history: after the first, a round is the warm start alone (one Lloyd run, not
+        ``cluster.n_init`` restarts on the sample: an atlas gets a round every few epochs)."""
         with self.timed("kmeans"):
             sync_norm_stats(self.model, self.comm)
             h = self.cells.fit_space(self.pl_train)
-            self.km = round_kmeans(h, self.k, self.cfg, self.km, self.comm)
+            if self.km is not None and not self.cells.fits_all and self.cfg.loss.lam == 0:
+                self.km = lloyd(
+                    h, self.km.centroids, max_iter=self.cfg.cluster.max_iter, comm=self.comm
+                )
+            else:
+                self.km = round_kmeans(h, self.k, self.cfg, self.km, self.comm)
         self.refresh_pseudo_labels(h)
 
     def refresh_pseudo_labels(self, h: torch.Tensor | None = None) -> None:
