@@ -108,9 +108,7 @@ def main() -> None:
     try:
         import scdataset  # noqa: F401
 
-        plans[f"scdataset BlockShuffling({args.chunk})"] = scdataset_pools(
-            n, args.pool, args.chunk
-        )
+        plans[f"scdataset BlockShuffling({args.chunk})"] = scdataset_pools(n, args.pool, args.chunk)
     except ImportError:
         print("scdataset not importable: its row left out", file=sys.stderr)
     rows = [measure(args.atlas, plan, args.label_key, name) for name, plan in plans.items()]

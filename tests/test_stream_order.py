@@ -28,7 +28,9 @@ def test_shards_cover_every_row_once_in_chunks(n, world, chunk):
     assert all((np.diff(s) > 0).all() for s in shards)  # each in file order
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= chunk  # balanced up to a chunk
-    assert all((b - a) % chunk == 0 or b == n for s in shards for a, b in zip(*runs(s), strict=True))
+    assert all(
+        (b - a) % chunk == 0 or b == n for s in shards for a, b in zip(*runs(s), strict=True)
+    )
 
 
 def test_every_rank_of_a_sorted_file_holds_every_type():
