@@ -158,6 +158,8 @@ class TrainingPlan:
         self.model, self.net, self.opt = build_model(
             shape[1], cfg, groups, pca_init, self.device, comm, self.recon
         )
+        if rank:  # dropout masks: each rank its own stream (rank 0 keeps one process' stream)
+            torch.manual_seed(cfg.seed + rank)
         self.sched = schedule(cfg, self.n, shape[0], comm)
         self.pl_train = cfg.cluster.pseudo_label_mode == "train"
         self.km: KMeansResult | None = None
