@@ -15,6 +15,7 @@ class ArraySource:
     def __init__(self, x: np.ndarray, pcs: np.ndarray, counts: np.ndarray | None):
         self.x, self.pcs, self.counts = x, pcs, counts
         self.n, self.has_counts = x.shape[0], counts is not None
+        self.chunk_starts = np.arange(0, self.n, 64)
 
     def read(self, idx):
         return self.x[idx], self.pcs[idx]
