@@ -1,14 +1,16 @@
-"""GPU check: the pure-torch CICL training step at atlas scale (no Ray, no AnnData needed).
+"""GPU check: cicl's own training step at atlas scale (no Ray, no AnnData needed).
 
 Generates a clustered synthetic atlas directly on the device (``--cells`` x ``--genes``:
-Poisson counts per cluster and their scaled log profile), then times the real
-training step (``cicl.train.loop.train_step``) of ``--config``: ``default`` (one augmented
-view, MLP encoder, count decoder with the negative binomial loss, AdamW) or ``contrastive``
-(two views, encoder + projection, cluster-aware + instance loss), with bf16 autocast and TF32,
-and reports: training cells/s, the step split (encoder forward+backward, loss forward+backward
--- the decoder and its likelihood, or the contrastive terms -- and the rest), encoder FLOP/s
-and MFU (FLOPs counted by ``torch.utils.flop_counter``), embedding throughput and one
-distributed-ready K-means Lloyd pass over every cell.
+Poisson counts per cluster and their scaled log profile), builds cicl's ``TrainingPlan`` for
+``--config`` (``default``: one augmented view, MLP encoder, count decoder with the negative
+binomial loss, AdamW; ``contrastive``: two views, encoder + projection, instance + cluster-aware
+loss with the cells' clusters as pseudo-labels) and times its ``step``: the augmentation with
+mixing neighbours (here: random cells of the same cluster) and ``train_step`` in the precision
+``train.precision`` gives it (``--precision``; auto: bf16 on a CUDA GPU). Reports training
+cells/s, the step's FLOPs (``torch.utils.flop_counter``: forward and backward, the encoder's
+share) and MFU against the GPU's dense bf16 peak, embedding throughput (cicl's ``embed``, fp32,
+eval mode) and one distributed-ready K-means Lloyd pass over every cell. TF32 stays off, as
+in cicl.
 
     python benchmarks/gpu_check.py --cells 1000000 --batch 8192 --out benchmarks/results
     python benchmarks/gpu_check.py --device cpu --cells 4000 --genes 256 --batch 256  # smoke
@@ -39,10 +41,11 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 def synthetic(
     n: int, g: int, k: int, device: torch.device, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled log profile, counts): each cluster draws its genes' expression shares, each cell
-    a library size (log-normal, median ~2,000 counts) and Poisson counts around its cluster's
-    shares; the profile is log1p of counts per 10,000, z-scored per gene."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scaled log profile, counts, cluster of each cell): each cluster draws its genes'
+    expression shares, each cell a library size (log-normal, median ~2,000 counts) and Poisson
+    counts around its cluster's shares; the profile is log1p of counts per 10,000, z-scored
+    per gene."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shares = torch.softmax(torch.randn(k, g, generator=gen, device=device) * 1.5, dim=1)
     lab = torch.randint(k, (n,), generator=gen, device=device)
@@ -57,7 +60,17 @@ def synthetic(
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     for i in range(0, n, 65536):
         x[i : i + 65536] = ((x[i : i + 65536] - mean) / std).clamp_(-10, 10)
-    return x, counts
+    return x, counts, lab
+
+
+def same_cluster_neighbours(lab: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, k) random cells of each cell's cluster: the mixing neighbours a step draws from (the
+    kNN graph of a real fit costs more than this check is about)."""
+    order = torch.argsort(lab)
+    sizes = torch.bincount(lab)
+    start = torch.cumsum(sizes, 0) - sizes
+    u = torch.rand(len(lab), k, generator=gen, device=lab.device)
+    return order[start[lab, None] + (u * sizes[lab, None]).long()]
 
 
 def timer(device: torch.device):
@@ -69,7 +82,7 @@ def timer(device: torch.device):
     return now
 
 
-def main() -> None:
+def args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", type=int, default=1_000_000)
     ap.add_argument("--genes", type=int, default=2000)
@@ -90,128 +103,94 @@ def main() -> None:
     )
     ap.add_argument("--encoder", default=None, choices=["transformer", "mlp"])
     ap.add_argument("--d-model", type=int, default=None, help="override model.transformer.d_model")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="train.precision"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--out", default=None, help="folder for gpu_check.json / .md")
-    args = ap.parse_args()
+    return ap
 
-    from cicl.cluster.kmeans import lloyd
+
+def build_plan(args: argparse.Namespace, x: torch.Tensor, lab: torch.Tensor):
+    """cicl's ``TrainingPlan`` for ``--config`` on this device, the cells' clusters as its
+    pseudo-labels (the cluster-aware term's input once warm-up is over)."""
     from cicl.comm import Comm
     from cicl.config import CICLConfig, preset
-    from cicl.model.augment import augment
-    from cicl.model.losses import CLUSTER_LOSSES, INSTANCE_LOSSES
     from cicl.model.modules import balanced_gene_groups
-    from cicl.train.loop import (
-        build_model,
-        gene_loadings,
-        needs_two_views,
-        recon_kind,
-        recon_loss,
-        train_step,
-    )
+    from cicl.train.loop import gene_loadings
+    from cicl.train.plan import TrainingPlan
 
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
-    over = {"train.batch_size": args.batch}
+    over = {
+        "train.batch_size": args.batch,
+        "train.device": args.device,
+        "train.precision": args.precision,
+    }
     if args.encoder:
         over["model.encoder"] = args.encoder
     if args.d_model:
         over["model.transformer.d_model"] = args.d_model
     base = preset("contrastive") if args.config == "contrastive" else CICLConfig()
     cfg = base.with_overrides(over)
-    recon = recon_kind(cfg, has_counts=True)
-    two = needs_two_views(cfg, cluster_term=cfg.loss.lam > 0)  # as train_step encodes them
-    now = timer(device)
-
-    t = now()
-    x, counts = synthetic(args.cells, args.genes, args.clusters, device)
-    lib = counts.sum(1)
-    t_gen = now() - t
-    sample = x[: min(20000, args.cells)].float().cpu().numpy()
-    sc = sample - sample.mean(0)
-    pcs = sc @ np.linalg.svd(sc[:5000], full_matrices=False)[2][:50].T
     groups = None
     if cfg.model.encoder == "transformer":
+        sample = x[: min(20000, args.cells)].float().cpu().numpy()
+        sc = sample - sample.mean(0)
+        pcs = sc @ np.linalg.svd(sc[:5000], full_matrices=False)[2][:50].T
         groups = balanced_gene_groups(gene_loadings(sample, pcs), cfg.model.transformer.n_tokens)
-    torch.manual_seed(0)
-    model, net, opt = build_model(args.genes, cfg, groups, None, device, Comm(), recon)
+    plan = TrainingPlan(args.clusters, cfg, Comm(), (args.cells, args.genes), True, groups)
+    plan.labels, plan.conf = lab, torch.ones(args.cells, device=lab.device)
     if args.compile:
-        model.encoder = torch.compile(model.encoder)
-    gen = torch.Generator(device=device).manual_seed(0)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    b = args.batch
-    labels = torch.randint(args.clusters, (args.cells,), device=device)
-    conf = torch.ones(args.cells, device=device)
+        plan.model.encoder = torch.compile(plan.model.encoder)
+    return plan
 
-    def views(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xb = x[idx]
-        nb = x[torch.randint(args.cells, (b,), device=device, generator=gen)]
-        return augment(xb, nb, cfg.augment, gen), augment(xb, nb, cfg.augment, gen)
 
-    def batch_idx() -> torch.Tensor:
-        return torch.randint(args.cells, (b,), device=device, generator=gen)
-
-    # whole training step
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            t = now()
-        idx = batch_idx()
-        v1, v2 = views(idx)
-        pseudo = (labels[idx], conf[idx]) if cfg.loss.lam > 0 else None
-        target = (counts[idx], lib[idx]) if recon == "nb" else None
-        with amp:
-            train_step(net, opt, v1, v2, pseudo, cfg, Comm(), target)
-    t_step = (now() - t) / args.steps
-
-    # encoder forward + backward alone (same batch shape: the views a step encodes)
-    v = torch.cat(views(batch_idx())) if two else views(batch_idx())[0]
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            t = now()
-        with amp:
-            h = model.encoder(v)
-        h.float().sum().backward()
-    t_enc = (now() - t) / args.steps
+def step_flops(plan, batch, cluster_term: bool) -> tuple[int, int]:
+    """FLOPs of one training step (forward and backward) and the encoder's part of them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:
-        with amp:
-            h = model.encoder(v)
-        h.float().sum().backward()
-    enc_flops = fc.get_total_flops()
+        plan.step(batch, cluster_term)
+    per_module = fc.get_flop_counts()
+    encoder = sum(
+        sum(ops.values()) for name, ops in per_module.items() if name.endswith(".encoder")
+    )
+    return fc.get_total_flops(), encoder
 
-    # loss forward + backward alone: the decoder and its likelihood, or the contrastive terms
-    tau, kern = cfg.loss.temperature, cfg.loss.kernel
-    lab_b = labels[:b]
-    valid = torch.ones(b, dtype=torch.bool, device=device)
-    width = cfg.model.proj_dim if two else cfg.model.embed_dim
-    z = torch.randn((2 if two else 1) * b, width, device=device, requires_grad=True)
-    idx = batch_idx()
+
+def main() -> None:
+    args = args_parser().parse_args()
+    from cicl.cluster.kmeans import lloyd
+    from cicl.train.loop import embed
+    from cicl.train.plan import Batch, autocast_dtype
+
+    device = torch.device(args.device)
+    now = timer(device)
+    t = now()
+    x, counts, lab = synthetic(args.cells, args.genes, args.clusters, device)
+    lib = counts.sum(1)
+    t_gen = now() - t
+    plan = build_plan(args, x, lab)
+    cfg, b = plan.cfg, args.batch
+    nbr = same_cluster_neighbours(lab, cfg.augment.n_neighbors, plan.gen)
+    cluster_term = cfg.loss.lam > 0  # after warm-up, as most of a run's steps
+
+    def batch() -> Batch:
+        idx = torch.randint(args.cells, (b,), device=device, generator=plan.gen)
+        return Batch(idx, idx, x, nbr, counts, lib)
+
+    plan.model.train()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             t = now()
-        with amp:
-            if two:
-                loss = INSTANCE_LOSSES[cfg.loss.instance_loss](z[:b], z[b:], tau, kern)
-                loss = loss + CLUSTER_LOSSES[cfg.loss.cluster_loss](
-                    z[:b], z[b:], lab_b, tau, valid, kern
-                )
-            else:
-                loss = recon_loss(model.decoder, model.decoder(z), (counts[idx], lib[idx]))
-        loss.backward()
-    t_loss = (now() - t) / args.steps
+        plan.step(batch(), cluster_term)
+    t_step = (now() - t) / args.steps
+    flops, enc_flops = step_flops(plan, batch(), cluster_term)
 
-    # embedding pass over every cell + one K-means Lloyd pass on it
-    model.eval()
+    # embedding pass over every cell (cicl's embed: eval mode, fp32) + one K-means Lloyd pass
     t = now()
-    with torch.no_grad(), amp:
-        emb = torch.cat(
-            [model.encoder(x[i : i + 65536]).float() for i in range(0, args.cells, 65536)]
-        )
+    emb = embed(plan.model, x, batch=65536)
     t_embed = now() - t
     emb = torch.nn.functional.normalize(emb, dim=1)
     t = now()
@@ -219,25 +198,26 @@ def main() -> None:
     t_lloyd = now() - t
 
     peak = peak_flops(device, args.peak_tflops)
-    enc_rate = enc_flops / t_enc
+    rate = flops / t_step
+    dtype = autocast_dtype(cfg.train.precision, device)
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "config": args.config,
         "encoder": cfg.model.encoder,
-        "dtype": args.dtype,
+        "precision": cfg.train.precision,
+        "forward_dtype": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "cells": args.cells,
         "genes": args.genes,
         "batch": b,
-        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "params_M": round(sum(p.numel() for p in plan.model.parameters()) / 1e6, 3),
         "generate_s": round(t_gen, 2),
         "step_ms": round(t_step * 1e3, 2),
         "train_cells_per_s": round(b / t_step),
-        "encoder_fwd_bwd_ms": round(t_enc * 1e3, 2),
-        "loss_fwd_bwd_ms": round(t_loss * 1e3, 2),
-        "other_ms": round(max(t_step - t_enc - t_loss, 0.0) * 1e3, 2),
-        "encoder_tflops": round(enc_rate / 1e12, 2),
-        "encoder_mfu": round(enc_rate / peak, 4) if peak else None,
+        "step_gflop": round(flops / 1e9, 2),
+        "encoder_flop_share": round(enc_flops / flops, 3) if flops else None,
+        "step_tflops": round(rate / 1e12, 3),
+        "mfu": round(rate / peak, 4) if peak else None,
         "embed_cells_per_s": round(args.cells / t_embed),
         "kmeans_lloyd_pass_s": round(t_lloyd, 3),
     }

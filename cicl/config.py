@@ -196,6 +196,9 @@ class ClusterConfig:
         _check_section(self, "cluster")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int | None = None  # None: chosen from the cell count (see train.loop.auto_epochs)
@@ -206,6 +209,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     device: str = "auto"  # "auto" picks cuda when available
+    # the training step's forward: "bf16" under torch.autocast (losses in fp32), "fp32" plain;
+    # "auto": bf16 on a CUDA GPU that has it, fp32 elsewhere (on CPU results stay bitwise those
+    # of fp32). Embeddings, K-means and the final partition are fp32 whatever this says
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # auto schedule: an epoch is at most this many steps. A large dataset's passes are cut
     # into epochs, so it gets reclustering rounds (cluster.recluster_every epochs apart) while
     # it trains; a dataset whose pass is this many steps or fewer (25,600 cells at batch 256)
@@ -223,6 +230,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_section(self, "train")
+        _check(  # a literal, so ``_typed`` checks it from files and --set; this: from code
+            self.precision in PRECISIONS,
+            f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}.",
+        )
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ class RayOptions:
     ``storage`` continues from the last checkpoint instead of starting again."""
 
     workers: int = 2
-    gpus_per_worker: float = 0.0
+    # GPUs each worker reserves: a number, or "auto" (``worker_gpus``: one each when the
+    # cluster has a GPU for every worker, else none)
+    gpus_per_worker: float | str = "auto"
     cpus_per_worker: float | None = None  # default: fair share of the cluster, at most 1
     address: str | None = None  # None: start a local Ray (or reuse the one already up)
     storage: str | None = None  # default: ./runs/ray (absolute); shared storage on clusters
@@ -70,12 +72,23 @@ class WorkerPlan:
         return out
 
 
+def worker_gpus(request: float | str, total_gpu: float, workers: int) -> float:
+    """GPUs each worker reserves: a number as given; ``"auto"``: one each when the Ray
+    cluster has a GPU for every worker of the run (NCCL runs one rank per GPU; fewer would
+    leave the run waiting for GPUs that never come), else none (gloo on the CPUs). Only the
+    GPUs of nodes that are up count: an autoscaler's GPU nodes still down are not seen."""
+    if request != "auto":
+        return float(request)
+    return 1.0 if total_gpu >= workers else 0.0
+
+
 def plan_workers(
     workers: int,
     total_cpu: float,
     *,
     cpus: float | None = None,
-    gpus: float = 0.0,
+    gpus: float | str = "auto",
+    total_gpu: float = 0.0,
     threads: int | None = None,
     concurrent: int = 1,
     driver_cpu: float = 0.0,
@@ -86,7 +99,8 @@ def plan_workers(
     CPUs (unless given): a fair share of the cluster's ``total_cpu``, less ``driver_cpu`` for
     each of ``concurrent`` trial drivers, over all their workers; between a quarter and one CPU
     (fractional requests let workers share a small machine's cores), on a quarter grid so the
-    requests of drivers and workers add up within the total. Threads (unless given): a fit that
+    requests of drivers and workers add up within the total. GPUs: ``worker_gpus`` of the
+    cluster's ``total_gpu``. Threads (unless given): a fit that
     has the local machine to itself (``whole_machine``) splits its cores over the workers;
     otherwise (a cluster, or trials sharing the machine) a worker runs on the whole CPUs it
     reserved, at least one."""
@@ -96,18 +110,21 @@ def plan_workers(
     if threads is None:
         cores = os.cpu_count() or 1
         threads = max(1, cores // workers) if whole_machine else max(1, int(c))
-    return WorkerPlan(workers=workers, cpus=c, gpus=gpus, threads=threads)
+    g = worker_gpus(gpus, total_gpu, workers)
+    return WorkerPlan(workers=workers, cpus=c, gpus=g, threads=threads)
 
 
 def fit_plan(opts: RayOptions) -> WorkerPlan:
     """A single fit's workers on the Ray it is connected to (see ``plan_workers``)."""
     import ray
 
+    total = ray.cluster_resources()
     return plan_workers(
         opts.workers,
-        float(ray.cluster_resources().get("CPU", 1.0)),
+        float(total.get("CPU", 1.0)),
         cpus=opts.cpus_per_worker,
         gpus=opts.gpus_per_worker,
+        total_gpu=float(total.get("GPU", 0.0)),
         threads=opts.threads,
         whole_machine=opts.address is None,
     )

@@ -25,10 +25,13 @@ def _run_light(script: Path, argv: list[str]) -> None:
     assert "HEAVY []" in out.stdout
 
 
-@pytest.mark.parametrize("config", ["default", "contrastive"])
-def test_gpu_check_smoke_on_cpu(tmp_path, config):
+@pytest.mark.parametrize("config,precision", [("default", "bf16"), ("contrastive", "auto")])
+def test_gpu_check_smoke_on_cpu(tmp_path, config, precision):
+    """It times cicl's own step (``TrainingPlan.step``) in the precision it is given: bf16
+    autocast on the CPU too when asked, fp32 there for auto."""
     argv = (
         f"--device cpu --cells 3000 --genes 128 --batch 128 --steps 2 --warmup 1 --config {config}"
+        f" --precision {precision}"
     )
     _run_light(SCRIPT, [*argv.split(), "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -36,10 +39,12 @@ def test_gpu_check_smoke_on_cpu(tmp_path, config):
     assert (res["config"], res["encoder"]) == (
         (config, "mlp") if config == "default" else (config, "transformer")
     )
-    # every phase was timed (how the timings compare is the benchmark's to report: two steps on
-    # a shared 2-core CPU made "step >= half the encoder's time" fail at random)
-    for key in ("train_cells_per_s", "step_ms", "encoder_fwd_bwd_ms", "loss_fwd_bwd_ms"):
+    assert res["forward_dtype"] == ("bfloat16" if precision == "bf16" else "fp32")
+    # every phase was timed and the step's FLOPs counted, the encoder's among them (how the
+    # timings compare is the benchmark's to report: a shared 2-core CPU makes them noisy)
+    for key in ("train_cells_per_s", "step_ms", "step_gflop", "embed_cells_per_s"):
         assert res[key] > 0, key
+    assert 0 < res["encoder_flop_share"] <= 1
     assert (tmp_path / "gpu_check.md").read_text().startswith("| device")
 
 

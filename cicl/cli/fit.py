@@ -45,8 +45,6 @@ def ray_options_from(args: argparse.Namespace):
         raise CICLError(f"--workers must be an integer, got '{args.workers}'.") from None
     if n < 1:
         raise CICLError(f"--workers must be >= 1, got {n}.")
-    if args.gpus_per_worker < 0:
-        raise CICLError("--gpus-per-worker must be >= 0.")
     if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
         raise CICLError("--cpus-per-worker must be > 0.")
     if args.max_failures < 0:
@@ -59,13 +57,35 @@ def ray_options_from(args: argparse.Namespace):
 
     return RayOptions(
         workers=n,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker="auto" if args.gpus_per_worker is None else args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
         address=args.address,
         storage=args.run_dir,
         name=args.run_name,
         max_failures=args.max_failures,
     )
+
+
+def gpu_fields(device: str, ray_opts, train_device: str) -> dict:
+    """The --json/summary fields of a fit that trained on the CPU while GPUs were there
+    (``unused_gpus_note`` says why): how many (the Ray cluster's after the run, or torch's in
+    one process), ``train.device`` and, under Ray, ``--gpus-per-worker`` as given."""
+    if device != "cpu":
+        return {}
+    if ray_opts is None:
+        import torch
+
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    else:
+        import ray
+
+        seen = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+    if seen == 0:
+        return {}
+    out: dict = {"gpus_unused": seen, "train_device": train_device}
+    if ray_opts is not None:
+        out["gpus_per_worker"] = ray_opts.gpus_per_worker
+    return out
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -117,6 +137,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for w in adata.uns[args.key_added]["preprocess"].get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     result = result_fields(adata.uns[args.key_added], adata.n_obs, adata.n_vars)
+    result.update(gpu_fields(result["device"], ray_opts, cfg.train.device))
     if args.label_key is not None:
         result.update(score(adata.obs[args.key_added].to_numpy(), adata.obs[args.label_key]))
     if args.plot:  # before the output: a figure that fails leaves nothing behind
@@ -217,6 +238,7 @@ def fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None =
     for w in pre.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     result = {**result_fields(info, pre["n_cells"], pre["n_genes_input"]), "streamed": True}
+    result.update(gpu_fields(result["device"], ray_opts, cfg.train.device))
     res = open_on_disk(str(out), ("obs", "uns"), check=False)  # not the atlas' embedding
     if args.label_key is not None:
         result.update(score(res.obs[args.key_added].to_numpy(), obs[args.label_key]))

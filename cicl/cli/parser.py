@@ -82,6 +82,26 @@ def int_at_least(name: str, value: str, low: int) -> int:
     return v
 
 
+GPUS_HELP = (
+    "GPUs each worker reserves: 'auto' (default) one each when the Ray cluster has a GPU for "
+    "every worker, else none; or a number (0: train on the CPUs)"
+)
+
+
+def gpus_per_worker(value: str) -> float | str:
+    """``--gpus-per-worker``: ``auto`` or a finite number >= 0 (argparse refuses anything
+    else in one line)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        g = float(value)
+    except ValueError:
+        g = float("nan")
+    if not (g >= 0 and g != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got '{value}'")
+    return g
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own refusals (a bad choice, a missing or unknown option) as every other
     refusal: one ``error: ...`` line and exit 2, instead of the usage block first."""
@@ -270,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mlflow-uri", default=None, help="default sqlite:///<abs>/runs/mlflow.db")
     t.add_argument("--experiment", default=None, help="MLflow experiment = sweep name")
     t.add_argument("--workers-per-trial", default="1", help="Ray Train workers per trial")
-    t.add_argument("--gpus-per-worker", type=float, default=0.0)
+    t.add_argument("--gpus-per-worker", type=gpus_per_worker, default="auto", help=GPUS_HELP)
     t.add_argument("--cpus-per-worker", type=float, default=None)
     t.add_argument("--concurrent", default="1", help="trials at a time")
     t.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
@@ -336,7 +356,9 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train with N Ray Train workers (gloo on CPU, NCCL with GPUs); default: one process",
     )
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G")
+    g.add_argument(
+        "--gpus-per-worker", type=gpus_per_worker, default=None, metavar="G", help=GPUS_HELP
+    )
     g.add_argument("--cpus-per-worker", type=float, default=None, metavar="C")
     g.add_argument(
         "--address", default=None, help="Ray cluster address (default: start Ray locally)"

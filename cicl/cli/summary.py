@@ -58,6 +58,28 @@ def _weight_source(info: dict) -> str:
     return "by cell count" if set_ in (None, "none") else "as set"
 
 
+def unused_gpus_note(r: dict[str, Any]) -> str | None:
+    """One summary line when a fit trained on the CPU while GPUs were there (``gpus_unused``:
+    how many), with why and what would use them; None otherwise."""
+    n = r.get("gpus_unused", 0)
+    if not n:
+        return None
+    asked = r.get("gpus_per_worker")  # present for Ray fits: the option as given
+    if r.get("train_device") == "cpu":
+        why = "train.device=cpu; `--set train.device=auto` trains on them"
+    elif asked is None:
+        why = "`--set train.device=cuda` trains on them"
+    elif asked == "auto":
+        why = (
+            f"--gpus-per-worker auto found fewer GPUs than the {r['workers']} workers when the "
+            "run started; `--gpus-per-worker 1` asks for them"
+        )
+    else:
+        why = f"--gpus-per-worker {asked:g}; auto gives each worker one"
+    where = "torch sees" if asked is None else "the Ray cluster has"
+    return f"  GPUs unused: {where} {n} GPU(s), this fit trained on the CPU ({why})"
+
+
 def print_summary(obs, key: str, r: dict[str, Any]) -> None:
     sizes = obs[key].value_counts().sort_index()
     lines = [
@@ -78,6 +100,9 @@ def print_summary(obs, key: str, r: dict[str, Any]) -> None:
         + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
         + f"total {r['seconds']:.1f} s",
     ]
+    note = unused_gpus_note(r)
+    if note is not None:
+        lines.append(note)
     if "pca_weight" in r:
         lines.append(
             f"  clustering space: embedding + PCA block at weight {r['pca_weight']:.2f} "

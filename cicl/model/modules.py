@@ -187,6 +187,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
+        x = x.float()  # the sums in fp32 under autocast (a bf16 count or variance is off)
         d = x.shape[1]
         n = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
         s = self.comm.sum_grad(torch.cat([x.sum(0), (x * x).sum(0), n]))

@@ -46,7 +46,7 @@ class SweepOptions:
     mlflow_uri: str | None = None
     experiment: str | None = None
     workers_per_trial: int = 1
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | str = "auto"  # a number, or "auto" (``worker_gpus``)
     cpus_per_worker: float | None = None
     concurrent: int = 1
     resume: bool = False
@@ -182,11 +182,13 @@ def _run_sweep(
             },
         )
     ensure_ray(opts.address)
+    total = ray.cluster_resources()
     plan = plan_workers(
         opts.workers_per_trial,
-        float(ray.cluster_resources().get("CPU", 2.0)),
+        float(total.get("CPU", 2.0)),
         cpus=opts.cpus_per_worker,
         gpus=opts.gpus_per_worker,
+        total_gpu=float(total.get("GPU", 0.0)),
         concurrent=opts.concurrent,
         driver_cpu=TRIAL_DRIVER_CPU,
     )

@@ -22,7 +22,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -465,11 +465,15 @@ def train_step(
     are over the global batch: projections of all ranks are gathered with gradients, so N
     ranks optimise what one process would. ``pseudo`` = (labels, confidences) of these cells,
     or None before warm-up ends. Only the views a term needs are encoded: without a
-    contrastive term this step, one view. Returns (instance, cluster, reconstruction) losses."""
+    contrastive term this step, one view. The forward runs in ``train.precision``
+    (``forward_precision``), the losses in fp32. Returns (instance, cluster, reconstruction)
+    losses."""
     b = v1.shape[0]
     lo = cfg.loss
     two = needs_two_views(cfg, pseudo is not None)
-    _, z, rec = net(torch.cat([v1, v2]) if two else v1)
+    with forward_precision(cfg.train.precision, v1.device):
+        _, z, rec = net(torch.cat([v1, v2]) if two else v1)
+    z, rec = z.float(), None if rec is None else rec.float()  # losses in fp32 (no-op in fp32)
     model = net.module if hasattr(net, "module") else net
     loss = z.sum() * 0.0  # keeps the projection head in the graph when it is unused (DDP)
     li = lc = lr = 0.0
@@ -495,6 +499,28 @@ def train_step(
     loss.backward()
     opt.step()
     return li, lc, lr
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a training forward autocasts to under ``train.precision``, or None: plain
+    fp32. ``auto`` takes bf16 only on a CUDA GPU that supports it (Ampere and later), where it
+    speeds the matrix products; elsewhere fp32, so a CPU run is bitwise the fp32 one. ``bf16``
+    is honoured on any device (on CPU: slow, for tests)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto" and native:
+        return torch.bfloat16
+    return None
+
+
+def forward_precision(precision: str, device: torch.device):
+    """The context a training forward runs in: ``torch.autocast`` to ``autocast_dtype``, or
+    nothing at all (fp32)."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def total_loss(cfg: CICLConfig, instance: float, cluster: float, recon: float) -> float:
