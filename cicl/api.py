@@ -158,6 +158,7 @@ def result_uns(
         "epochs": int(res.epochs),
         "steps": int(res.steps),
         "time_budget_hit": bool(res.budget_hit),
+        "precision": res.precision,
         "seconds": float(seconds),
         "workers": int(workers),
         "device": res.device,

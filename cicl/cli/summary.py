@@ -24,6 +24,7 @@ def result_fields(info: dict, n_cells: int, n_genes: int) -> dict[str, Any]:
         "epochs": int(info["epochs"]),
         "steps": int(info["steps"]),
         "time_budget_hit": bool(info.get("time_budget_hit", False)),
+        "precision": str(info.get("precision", "fp32")),
         "workers": int(info["workers"]),
         "device": str(info.get("device", "cpu")),
         "threads": int(info["threads"]),  # torch threads per process (write_result records it)
@@ -96,6 +97,7 @@ def print_summary(obs, key: str, r: dict[str, Any]) -> None:
         + f", {r['workers']} worker(s) on "
         f"{r['device']}"
         + (f", {r['threads']} threads each" if r["device"] == "cpu" else "")
+        + (f", {r['precision']}" if r.get("precision", "fp32") != "fp32" else "")
         + "; "
         + (f"decoder {r['decoder']}; " if r.get("decoder", "off") != "off" else "")
         + f"total {r['seconds']:.1f} s",

@@ -124,6 +124,7 @@ class TrainResult:
     # assigned to a centroid (``metric_record``'s arrays); None: Euclidean
     metric: dict[str, np.ndarray | float] | None = None
     budget_hit: bool = False  # training stopped at train.time_budget, before its schedule's end
+    precision: str = "fp32"  # what the training forward ran in (``train.precision`` resolved)
 
 
 class TrainingPlan:
@@ -326,6 +327,7 @@ class TrainingPlan:
             epochs=self.epoch,
             steps=self.steps,
             budget_hit=self.budget_hit,
+            precision="bf16" if autocast_dtype(self.cfg.train.precision, self.device) else "fp32",
             seconds=time.perf_counter() - self.t0,
             timings=self.timings,
             encoder_state=encoder_state(self.model),
