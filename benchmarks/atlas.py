@@ -174,11 +174,12 @@ def run_measured(cmd: list[str], timeout_s: float, log: Path) -> Measured:
         if time.perf_counter() - t0 > timeout_s:
             os.killpg(pid, 9)  # the session this run started, nothing else
             os.waitpid(pid, 0)
-            rc = 124
+            rc = proc.returncode = 124
             break
         time.sleep(POLL_S)
     wall = time.perf_counter() - t0
-    if usage is not None and not worker_peak:  # no Ray: wait4's figure is the exact peak
+    # no Ray: wait4's ru_maxrss is exact (the largest of the process and any child it reaped)
+    if usage is not None and not worker_peak:
         peak_self = max(peak_self, usage.ru_maxrss)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     return Measured(
@@ -557,7 +558,8 @@ def to_markdown(df: pd.DataFrame) -> str:
             "driver MB | worker MB | tree MB | train cells/s |",
             "|" + "---|" * 13,
         ]
-        g = g.assign(_o=g.method.map(order)).sort_values(["_o", "order", "workers"])
+        g = g.assign(_o=g.method.map(order), _r=g.order.map({"sorted": 0, "shuffled": 1}))
+        g = g.sort_values(["_o", "_r", "workers"])
         for r in g.itertuples():
             lines.append(
                 f"| {r.method} | {r.order} | {int(r.workers)} | {r.seeds} | {r.ari:.3f} | "
@@ -589,17 +591,15 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = summarise(df)
-    s["atlas"] = (
-        s.dataset
-        + " "
-        + (s.cells // 1000).astype(str)
-        + "k "
-        + s.order
-        + np.where(s.workers > 0, " " + s.workers.astype(str) + "w", "")
-    )
+    s = s.sort_values(["dataset", "cells", "order", "workers"], ascending=[True, True, False, True])
+    size = [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" for n in s.cells]
+    workers = [f" {w:.0f} workers" if w > 0 else "" for w in s.workers]
+    s["atlas"] = [
+        f"{d} {n} {o}{w}" for d, n, o, w in zip(s.dataset, size, s.order, workers, strict=True)
+    ]
     methods = [m for m in METHODS if m in set(s.method)]
-    atlases = sorted(s.atlas.unique())
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    atlases = list(dict.fromkeys(s.atlas))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 5))
     w = 0.8 / max(len(atlases), 1)
     x = np.arange(len(methods))
     for i, at in enumerate(atlases):
@@ -613,8 +613,9 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax[0].set_ylim(0, 1.05)
     ax[1].set_ylim(0, 1.05)
     ax[2].set_yscale("log")
-    ax[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(atlases), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 * ((len(atlases) + 4) // 5), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
