@@ -715,8 +715,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+DIGITS = {"ari": 4, "nmi": 4, "rare_f1": 4, "wall_s": 1, "train_cells_per_s": 1}
+
+
 def _done(csv: Path, row: dict) -> None:
     row["date"] = time.strftime("%Y-%m-%d %H:%M")
+    for key, value in row.items():
+        if isinstance(value, float) and not np.isnan(value):
+            row[key] = round(value, DIGITS.get(key, 0 if key.endswith("_mb") else 6))
     append_rows(csv, [row])
     keys = ("dataset", "cells", "order", "method", "workers", "ari", "rare_f1", "k_found")
     print({k: row.get(k) for k in (*keys, "wall_s", "driver_rss_mb", "status")}, flush=True)
