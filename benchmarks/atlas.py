@@ -95,7 +95,7 @@ class Measured:
     wall_s: float
     driver_mb: float  # the process' own peak
     tree_mb: float  # peak of the summed RSS of the process and its descendants
-    ray_worker_mb: float  # largest peak among descendant ``ray::`` processes (NaN: none)
+    ray_worker_mb: float  # largest peak among descendant Ray workers (NaN: none)
     stderr: str = ""
     polled: dict = field(default_factory=dict)
 
@@ -147,6 +147,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def is_ray_worker(cmdline: str) -> bool:
+    """A Ray worker or actor process (its title ``ray::NAME``), not one of Ray's per-node
+    agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)."""
+    title = cmdline.split(" ", 1)[0]
+    return title.startswith("ray::") and not title.endswith("Agent")
+
+
 def run_measured(cmd: list[str], timeout_s: float, log: Path) -> Measured:
     """Run ``cmd`` (stdout and stderr to ``log``), polling its process tree's memory. Ray
     workers are recognised by their ``ray::`` process title (Ray's raylet, started by the
@@ -168,7 +175,7 @@ def run_measured(cmd: list[str], timeout_s: float, log: Path) -> Measured:
         for p in descendants(pid):
             st = _status(p)
             tree += st.get("VmRSS", 0)
-            if _cmdline(p).startswith("ray::"):
+            if is_ray_worker(_cmdline(p)):
                 worker_peak[p] = max(worker_peak.get(p, 0), st.get("VmHWM", 0))
         peak_tree = max(peak_tree, tree)
         if time.perf_counter() - t0 > timeout_s:
