@@ -600,7 +600,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     s = summarise(df)
     s = s.sort_values(["dataset", "cells", "order", "workers"], ascending=[True, True, False, True])
     size = [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" for n in s.cells]
-    workers = [f" {w:.0f} workers" if w > 0 else "" for w in s.workers]
+    workers = [f" {w:.0f} worker{'s' if w > 1 else ''}" if w > 0 else "" for w in s.workers]
     s["atlas"] = [
         f"{d} {n} {o}{w}" for d, n, o, w in zip(s.dataset, size, s.order, workers, strict=True)
     ]
