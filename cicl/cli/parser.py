@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default="nb",
         help="nb (default): a fitted per-type negative binomial; resample: real cells of the "
-        "type, binomially thinned (keeps each type's real structure)",
+        "type, binomially thinned (keeps each type's real structure); mix: two real cells of "
+        "the type, thinned and summed (no copies of one cell when scaling far up)",
     )
     s.add_argument(
         "--proportions",
