@@ -1,7 +1,8 @@
 """Atlas benchmark: CICL streamed from disk vs scanpy's pipeline on synthetic atlases.
 
-Atlases are built from a real dataset with ``cicl simulate --mode resample --proportions zipf``
-(real cells of each type, binomially thinned; a long tail of rare types) in two row orders:
+Atlases are built from a real dataset with ``cicl simulate --mode mix --proportions zipf``
+(pairs of real cells of each type, thinned and summed; a long tail of rare types; ``--mode``
+picks another) in two row orders:
 ``sorted`` by type, as real atlases are stored, and ``shuffled`` (same seed: the same source
 cells and type counts, rows permuted). They are cached under ``--work`` and reused.
 
@@ -207,8 +208,11 @@ def cli() -> list[str]:
     return [sys.executable, "-m", "cicl.cli"]
 
 
+SIM_MODE = "mix"  # cicl simulate --mode (set by --mode)
+
+
 def atlas_path(work: Path, dataset: str, cells: int, seed: int, order: str) -> Path:
-    return work / "atlases" / f"{dataset}_{cells}_s{seed}_{order}.h5ad"
+    return work / "atlases" / f"{dataset}_{cells}_{SIM_MODE}_s{seed}_{order}.h5ad"
 
 
 def ensure_atlas(data: Path, work: Path, dataset: str, cells: int, seed: int, order: str) -> Path:
@@ -225,7 +229,7 @@ def ensure_atlas(data: Path, work: Path, dataset: str, cells: int, seed: int, or
         "--cells",
         str(cells),
         "--mode",
-        "resample",
+        SIM_MODE,
         "--proportions",
         "zipf",
         "--order",
@@ -660,12 +664,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="Ray Train workers for the cicl fits (0: one process, no Ray), e.g. 1 2",
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/cicl-atlas"))
+    ap.add_argument(
+        "--mode",
+        default="mix",
+        choices=["mix", "resample", "nb"],
+        help="cicl simulate --mode (mix: no thinned copies of one real cell)",
+    )
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--scanpy-pca", default="arpack", help="sc.pp.pca's svd_solver")
     ap.add_argument("--bisect-steps", type=int, default=12)
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per method")
     ap.add_argument("--keep-outputs", action="store_true", help="keep fit outputs in --work")
     a = ap.parse_args(argv)
+    global SIM_MODE
+    SIM_MODE = a.mode
     if "scanpy" in a.methods:
         a.methods = [m for m in a.methods if m != "scanpy"] + SCANPY_METHODS
     unknown = sorted(set(a.methods) - set(METHODS))
