@@ -176,10 +176,15 @@ class ClusterJob:
 @pytest.fixture(scope="module")
 def cluster_job(data_dir, tmp_path_factory) -> Iterator[ClusterJob]:
     """A real local 2-node Ray cluster: a head (2 CPUs, the ``TRAIN_DRIVER`` resource) and a
-    second node (1 CPU) on loopback, the MLflow server started as cluster.yaml's head setup
-    starts it, and one ``cicl tune`` (one trial of two 1-CPU ranks) submitted as a Ray Job
-    through the Jobs API. The trial's driver (0.5 CPU, on the head) leaves 1.5 CPUs there, so
-    its two ranks cannot both run on one node. Slow: run once for the module's tests."""
+    second node (2 CPUs) on loopback, the MLflow server started as cluster.yaml's head setup
+    starts it, and one ``cicl tune`` (one trial of two ranks of 1.25 CPUs) submitted as a Ray
+    Job through the Jobs API, its own driver on the head holding 0.25 CPU. Slow: run once for
+    the module's tests.
+
+    The CPUs are chosen so that where the trial's driver (0.5 CPU) runs decides the test. Ray
+    places it on the node with the largest share of CPUs left after it: the second node
+    (1.5 of 2 over 1.25 of 1.75), unless ``TRAIN_DRIVER`` pins it to the head. On the head it
+    leaves 1.25 CPUs, so the two ranks run one per node."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -211,7 +216,7 @@ def cluster_job(data_dir, tmp_path_factory) -> Iterator[ClusterJob]:
         _wait_nodes(dashboard, 1, 120)
         nodes.append(
             _start_node(
-                ["--address", f"127.0.0.1:{gcs}", "--num-cpus", "1", *common], env, temp / "node"
+                ["--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", *common], env, temp / "node"
             )
         )
         alive = _wait_nodes(dashboard, 2, 120)
@@ -227,10 +232,13 @@ def cluster_job(data_dir, tmp_path_factory) -> Iterator[ClusterJob]:
             f"{sys.executable} -m cicl.cli tune {data_dir / 'biase.h5ad'} --trials 1 "
             f"--space small --label-key cell_type --address auto --experiment cluster-job "
             f"--mlflow-uri http://127.0.0.1:{mlf} --root {tmp_path / 'shared'} "
-            "--workers-per-trial 2 --cpus-per-worker 1 --no-asha --set cluster.final_n_init=4"
+            "--workers-per-trial 2 --cpus-per-worker 1.25 --no-asha --set cluster.final_n_init=4"
         )
         job = client.submit_job(
-            entrypoint=entry, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}
+            entrypoint=entry,
+            entrypoint_num_cpus=0.25,
+            entrypoint_resources={"TRAIN_DRIVER": 1},  # the sweep's driver on the head
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
         )
         deadline = time.time() + 900
         status = client.get_job_status(job)
