@@ -90,14 +90,45 @@ class SweepSetup:
     counts: np.ndarray | None = None  # raw counts for the negative binomial decoder
 
 
+# cluster.yaml gives this custom resource to the head node only (where MLflow listens)
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+# what each trial driver takes of it: enough to pin the driver to the head, too little to be
+# the limit on concurrent trials (their CPUs are)
+DRIVER_SHARE = 0.01
+# MLflow tags of a trial's run: the Ray node ids its driver and its Train controller ran on
+DRIVER_NODE = "cicl.driver_node"
+CONTROLLER_NODE = "cicl.controller_node"
+
+
+def driver_resources(cpu: float, cluster: dict[str, float]) -> dict[str, float]:
+    """What Tune reserves for a trial's driver (the trainable: the first bundle of its
+    placement group): ``cpu`` CPUs and, where the cluster offers ``DRIVER_RESOURCE``
+    (``ray.cluster_resources()``), a share of it. That pins the driver to the head, where an
+    MLflow server bound to 127.0.0.1 is reachable and preemption of GPU nodes cannot kill
+    it; Ray Train's controller follows (Ray places it on the node of the process that calls
+    ``fit``). Without the resource (local Ray, CI) it is the CPUs alone."""
+    out = {"cpu": cpu}
+    if cluster.get(DRIVER_RESOURCE, 0.0) >= DRIVER_SHARE:
+        out[DRIVER_RESOURCE] = DRIVER_SHARE
+    return out
+
+
 def _round_logger(uri: str, run_id: str):
     """A Ray Train callback that logs rank 0's per-round metrics to the trial's MLflow run.
     It runs in the Train controller, which Ray pins to the trial driver's node (the head on a
-    cluster), so an MLflow server bound to the head's 127.0.0.1 is reachable."""
+    cluster, see ``driver_resources``), so an MLflow server bound to the head's 127.0.0.1 is
+    reachable. Its first round tags the run with the controller's node (``CONTROLLER_NODE``)."""
+    import ray
     from ray.train import UserCallback
 
     class MLflowRounds(UserCallback):
+        tagged = False
+
         def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not self.tagged:
+                node = ray.get_runtime_context().get_node_id()
+                mlflow_client(uri).set_tag(run_id, CONTROLLER_NODE, node)
+                self.tagged = True
             if metrics:
                 log_metrics(uri, run_id, metrics[0], int(metrics[0].get("epoch", 0)))
 
@@ -153,6 +184,7 @@ def _run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
             ray.tune.report({**done, "final": 1.0, "trial_dir": str(trial_dir)})
             return
         client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, DRIVER_NODE, ray.get_runtime_context().get_node_id())
     out_dir = trial_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
     run = RayRun(Path(setup.storage) / "train", f"train-trial_id={trial_id}", out_dir)

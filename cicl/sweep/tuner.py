@@ -22,7 +22,13 @@ from cicl.objective import SUPERVISED, resolve
 from cicl.sweep.artifacts import sweep_artifacts
 from cicl.sweep.console import DropNoise, quiet_lost_trials, quiet_tune, trial_bar
 from cicl.sweep.spaces import Space, base_point, load_space, max_rounds, trial_config, tune_space
-from cicl.sweep.trial import SweepSetup, TrackingLost, run_trial, server_gone
+from cicl.sweep.trial import (
+    SweepSetup,
+    TrackingLost,
+    driver_resources,
+    run_trial,
+    server_gone,
+)
 from cicl.tracking import (
     child_runs,
     default_mlflow_uri,
@@ -210,8 +216,9 @@ def _run_sweep(
         model_base=model_base,
         counts=counts,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPU}
+    trainable = tune.with_resources(  # on a cluster.yaml cluster: drivers on the head
+        tune.with_parameters(run_trial, setup=setup),
+        driver_resources(TRIAL_DRIVER_CPU, ray.cluster_resources()),
     )
     rounds = max_rounds(base, space, x.shape[0])
     scheduler = (
