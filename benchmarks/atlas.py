@@ -378,8 +378,8 @@ def run_scanpy(atlas: Path, y: np.ndarray, seed: int, a) -> list[dict]:
 
 def no_training_job(atlas: str, k: int, seed: int, out: str) -> None:
     """The default's final partition on the PCA: preprocessing fitted on a sample as a
-    streamed fit does, the final steps on the ``cluster.kmeans_sample`` cells (whole blocks,
-    as ``StreamedCells`` picks them), then every cell assigned block by block."""
+    streamed fit does, the final steps on ``cluster.kmeans_sample`` random cells (as
+    ``StreamedCells`` picks them in one process), then every cell assigned block by block."""
     import torch
 
     from cicl.comm import Comm
@@ -391,12 +391,10 @@ def no_training_job(atlas: str, k: int, seed: int, out: str) -> None:
     cfg = CICLConfig().with_overrides({"seed": seed, "cluster.n_clusters": k})
     plan = prepare_file(atlas, cfg)
     cfg, n = plan.cfg, plan.n_cells
-    src = H5adSource(atlas, 0, n, plan.transform)
+    src = H5adSource(atlas, np.arange(n), plan.transform)
     block = cfg.train.block_size
-    starts = np.arange(0, n, block)
-    np.random.default_rng(cfg.seed).shuffle(starts)
-    sample = np.concatenate([np.arange(s, min(s + block, n)) for s in starts])
-    sample = np.sort(sample[: max(plan.k, cfg.cluster.kmeans_sample)])
+    want = min(n, max(plan.k, cfg.cluster.kmeans_sample))
+    sample = np.sort(np.random.default_rng(cfg.seed).choice(n, want, replace=False))
 
     def pcs(idx: np.ndarray) -> torch.Tensor:
         return torch.cat(
