@@ -145,3 +145,26 @@ def test_small_files_keep_the_random_sample_bit_for_bit(data_dir, monkeypatch):
     rows = np.sort(np.random.default_rng(3).choice(n, 3_000, replace=False))
     want = preprocess(ad.read_h5ad(path)[rows], cfg)
     assert np.array_equal(prep.pcs, want.pcs) and np.array_equal(prep.x, want.x)
+
+
+def test_sketch_with_a_batch_key_keeps_every_batch(data_dir, tmp_path, monkeypatch):
+    """The sketch is topped up so that ComBat sees every batch, a 20-cell one included."""
+    import anndata as ad
+
+    import cicl.data.sketch as sketch
+    from cicl.config import PreprocessConfig
+    from cicl.data.stream import fit_on_sample
+
+    a = ad.read_h5ad(data_dir / "cite_cbmc.h5ad")
+    run = np.where(np.random.default_rng(0).integers(0, 2, a.n_obs) == 1, "run2", "run1")
+    run[:20] = "tiny"
+    a.obs["run"] = run
+    path = tmp_path / "runs.h5ad"
+    a.write_h5ad(path)
+    monkeypatch.setattr(sketch, "SKETCH_FROM", 1_000)
+    cfg = PreprocessConfig(n_top_genes=300, batch_key="run")
+    t, prep, n, _ = fit_on_sample(path, cfg, n_sample=1_500, seed=0)
+    step = prep.info["steps"][0]
+    assert step.startswith("fitted on a density-balanced sketch of ") and f"of {n} cells" in step
+    assert step.endswith("random cells so that every batch is in")
+    assert prep.info["n_batches"] == 3 and (t.batch_codes >= 0).all()
