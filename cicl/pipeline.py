@@ -55,8 +55,11 @@ def prepare(adata: ad.AnnData, cfg: CICLConfig, layer: str | None = "auto") -> P
 def prepare_file(
     path: str | Path, cfg: CICLConfig, layer: str | None = "auto", n_sample: int = 20_000
 ) -> Plan:
-    """Plan a streamed fit of an ``.h5ad`` file: preprocessing is fitted on a random sample of
-    ``n_sample`` cells (``fit_on_sample``), K is chosen on it."""
+    """Plan a streamed fit of an ``.h5ad`` file: preprocessing is fitted on ``n_sample`` cells
+    (``fit_on_sample``: random ones, or a density-balanced sketch of a large file, so that
+    rare types reach the HVGs, the PCs and the count of Leiden communities), K is chosen on
+    them."""
+    from cicl.data.sketch import SKETCH_FROM
     from cicl.data.stream import fit_on_sample
 
     transform, prep, n, _ = fit_on_sample(
@@ -64,7 +67,8 @@ def prepare_file(
     )
     plan = _plan(cfg, prep, n, transform.kind == "counts", str(n))
     if cfg.cluster.n_clusters is None:
-        plan = replace(plan, source=f"{plan.source} of a {prep.x.shape[0]}-cell sample")
+        kind = "density-balanced sketch" if n > SKETCH_FROM else "sample"
+        plan = replace(plan, source=f"{plan.source} of a {prep.x.shape[0]}-cell {kind}")
     return replace(plan, transform=transform)
 
 

@@ -33,7 +33,8 @@ Two ways to make a cell of type c (``mode``):
 Type proportions (``proportions``): ``real`` (the real type frequencies), ``equal``, or
 ``zipf``: types ordered by real frequency (most frequent first, ties in category order) get
 ``p_i ∝ 1 / i**s``, with s >= 0 chosen so the rarest type gets ``ZIPF_RAREST`` of the cells
-(s = 0, equal shares, when there are so many types that 1/C is already below that). Cell
+(or the share ``rarest`` asks for; s = 0, equal shares, when there are so many types that 1/C
+is already below that). Cell
 counts per type are the proportions times N rounded by largest remainder, at least one cell
 per type when N >= the number of types.
 
@@ -274,14 +275,17 @@ def zipf_exponent(n_types: int, rarest: float = ZIPF_RAREST) -> float:
     return (lo + hi) / 2
 
 
-def type_proportions(real_counts: np.ndarray, rule: str) -> tuple[np.ndarray, float | None]:
-    """Target share per type (in type order) under ``rule``, and the Zipf exponent if any."""
+def type_proportions(
+    real_counts: np.ndarray, rule: str, rarest: float = ZIPF_RAREST
+) -> tuple[np.ndarray, float | None]:
+    """Target share per type (in type order) under ``rule``, and the Zipf exponent if any
+    (``rarest``: the rarest type's share under ``zipf``)."""
     c = len(real_counts)
     if rule == "real":
         return real_counts / real_counts.sum(), None
     if rule == "equal":
         return np.full(c, 1.0 / c), None
-    s = zipf_exponent(c)
+    s = zipf_exponent(c, rarest)
     rank = np.empty(c, dtype=int)
     rank[np.argsort(-real_counts, kind="stable")] = np.arange(1, c + 1)
     w = rank.astype(float) ** -s
@@ -345,9 +349,13 @@ def simulate(
     proportions: str = "real",
     order: str = "shuffled",
     batch_key: str | None = None,
+    rarest: float = ZIPF_RAREST,
 ) -> Path:
     """Write an ``n_cells`` synthetic atlas like ``like`` to ``out`` (.h5ad, CSR counts),
-    chunk by chunk, through a temporary file renamed at the end."""
+    chunk by chunk, through a temporary file renamed at the end. ``rarest``: the rarest
+    type's share under ``proportions="zipf"`` (rare-type studies ask for 0.001 and below)."""
+    if not 0 < rarest < 1:
+        raise InputError(f"rarest must be a share in (0, 1); got {rarest}.")
     check_options(mode, proportions, order)
     check_like(like, label_key, batch_key)
     out = Path(out)
@@ -356,7 +364,7 @@ def simulate(
     model = fit_nb(src_data, label_key, n_genes) if mode == "nb" else None
     del src_data
     real_n = np.bincount(cells.codes, minlength=len(cells.types)).astype(float)
-    share, s = type_proportions(real_n, proportions)
+    share, s = type_proportions(real_n, proportions, rarest)
     n_per = cells_per_type(share, n_cells)
     rng = np.random.default_rng(seed)
     y, src = plan_rows(n_per, cells, order, rng)
@@ -412,6 +420,7 @@ def simulate(
             }
             if s is not None:
                 record["zipf_exponent"] = s
+                record["zipf_rarest"] = rarest
             if batch_key is not None:
                 record["batch_key"] = batch_key
             with h5py.File(tmp, "a") as f:

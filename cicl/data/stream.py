@@ -232,10 +232,14 @@ def fit_on_sample(
     seed: int = 0,
     layer: str | None = "auto",
 ) -> tuple[BlockTransform, Prepared, int, int]:
-    """Fit the preprocessing on up to ``n_sample`` random cells of the file, read from the
-    matrix ``layer`` picks (as ``cicl.fit``'s: "auto" takes the counts a log-normalised file
-    keeps in a layer or raw/X). Returns the transform (which remembers that matrix), the
-    sample's ``Prepared`` and the file's (n_cells, n_genes)."""
+    """Fit the preprocessing on up to ``n_sample`` cells of the file, read from the matrix
+    ``layer`` picks (as ``cicl.fit``'s: "auto" takes the counts a log-normalised file keeps in
+    a layer or raw/X). The cells are random, or, in a file of more than ``SKETCH_FROM`` cells,
+    a density-balanced sketch (``cicl.data.sketch``) in which rare types are not left at a few
+    cells. Returns the transform (which remembers that matrix), the sample's ``Prepared`` and
+    the file's (n_cells, n_genes)."""
+    from cicl.data.sketch import SKETCH_FROM, first_pass_config, sketch_rows
+
     var_names = np.asarray(read_annotations(path, ("var",)).var_names).astype(str)
     with h5py.File(path, "r") as f:  # opening the file's metadata again costs milliseconds
         n = _n_cells(f)
@@ -243,11 +247,44 @@ def fit_on_sample(
     if n == 0 or g == 0:
         raise InputError(f"'{path}' has {n} cells and {g} genes; nothing to cluster.")
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, min(n, n_sample), replace=False))
-    codes = None
+    sketch = None
+    if n > SKETCH_FROM:
+
+        def fit_first(first_rows: np.ndarray, n_genes: int | None) -> BlockTransform:
+            first_cfg = first_pass_config(cfg, n_genes)
+            return _fit_rows(path, first_rows, first_cfg, layer, var_names, None, None, "")[0]
+
+        sketch = sketch_rows(str(path), n, n_sample, seed, fit_first)
+        rows = sketch.rows
+    else:
+        rows = np.sort(rng.choice(n, min(n, n_sample), replace=False))
+    codes = names = None
     if cfg.batch_key is not None:
         codes, names = _batch_codes(path, cfg.batch_key)
         rows = _with_every_batch(rows, codes, rng)
+    if sketch is None:
+        step = f"fitted on a random sample of {len(rows)} of {n} cells"
+    else:
+        step = sketch.step(n)
+        if len(rows) > len(sketch.rows):
+            step += f", and {len(rows) - len(sketch.rows)} random cells so that every batch is in"
+    t, prep, n_genes = _fit_rows(path, rows, cfg, layer, var_names, codes, names, step)
+    return t, prep, n, n_genes
+
+
+def _fit_rows(
+    path: str | Path,
+    rows: np.ndarray,
+    cfg: PreprocessConfig,
+    layer: str | None,
+    var_names: np.ndarray,
+    codes: np.ndarray | None,
+    names: np.ndarray | None,
+    step: str,
+) -> tuple[BlockTransform, Prepared, int]:
+    """``preprocess`` fitted on file rows ``rows`` (sorted), as a ``BlockTransform``, from
+    the matrix ``layer`` picks (judged on those rows); ``step`` says how the rows were
+    chosen. Also returns the matrix's gene count."""
     with h5py.File(path, "r") as f:
         fm = _choose_file_matrix(f, rows, layer, var_names)
     sample = ad.AnnData(X=fm.sample)
@@ -278,9 +315,9 @@ def fit_on_sample(
             )
         t.batch_codes = order[codes].astype(codes.dtype)
         t.batch_slope, t.batch_shift = prep.batch_slope, prep.batch_shift
-    prep.info["steps"].insert(0, f"fitted on a random sample of {len(rows)} of {n} cells")
+    prep.info["steps"].insert(0, step)
     record_matrix(prep.info, Matrix(sample, None, fm.name, fm.note))
-    return t, prep, n, len(fm.var_names)
+    return t, prep, len(fm.var_names)
 
 
 def _batch_codes(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
