@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from cicl.cli.parser import STREAM_MIN_CELLS, check_key_added, parse_set, positive_int
-from cicl.cli.summary import print_summary, result_fields
+from cicl.cli.summary import json_line, print_summary, result_fields
 from cicl.config import load_config
 from cicl.errors import CICLError
 
@@ -153,7 +152,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         result["mlflow_run"] = log_fit_run(args, track, adata, result, result.get("plot"))
     print_summary(adata.obs, args.key_added, result)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     return 0
 
 
@@ -248,5 +247,5 @@ def fit_stream(args, cfg, k, ray_opts, out: Path, t0: float, track: str | None =
         result["mlflow_run"] = log_fit_run(args, track, res, result, figure=False)  # no atlas UMAP
     print_summary(res.obs, args.key_added, result)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -14,6 +13,7 @@ import numpy as np
 
 from cicl.cli.fit import check_label_key, open_on_disk, wants_stream
 from cicl.cli.parser import check_key_added
+from cicl.cli.summary import json_line
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -109,5 +109,5 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     print("\n".join(lines), file=sys.stderr)
     if args.json:
-        print(json.dumps(r))
+        print(json_line(r))
     return 0

@@ -129,7 +129,15 @@ def print_summary(obs, key: str, r: dict[str, Any]) -> None:
             "(the sweeps' objective; higher = better separated)"
         )
     if "ari" in r:
-        lines.append(f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}")
+        rare = r.get("rare_f1")
+        lines.append(
+            f"  vs labels (scored only): ARI {r['ari']:.3f}  NMI {r['nmi']:.3f}"
+            + (
+                f"  rare-type F1 {rare:.3f} ({r['n_rare']} types < 1 %)"
+                if rare is not None and rare == rare
+                else ""
+            )
+        )
     lines.append(f"  wrote {r['output']}: obs['{key}'], obsm['X_{key}'], uns['{key}']")
     if "plot" in r:
         lines.append(f"  figure: {r['plot']}")
@@ -137,3 +145,19 @@ def print_summary(obs, key: str, r: dict[str, Any]) -> None:
         m = r["mlflow_run"]
         lines.append(f"  MLflow: run {m['run_id']} in experiment '{m['experiment']}' ({m['uri']})")
     print("\n".join(lines), file=sys.stderr)
+
+
+def json_line(record: dict) -> str:
+    """``--json``'s line: strict JSON (a score that is not a number, e.g. ``rare_f1`` with no
+    rare type, is null)."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(clean(record), allow_nan=False)

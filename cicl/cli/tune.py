@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from cicl.cli.fit import check_label_key, wants_stream
 from cicl.cli.parser import int_at_least, parse_set
+from cicl.cli.summary import json_line
 from cicl.config import load_config
 from cicl.errors import CICLError
 
@@ -182,7 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     print(f"compare in MLflow: {mlflow_ui_command(res.mlflow_uri)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(summary))
+        print(json_line(summary))
     return 0
 
 
