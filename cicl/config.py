@@ -225,7 +225,7 @@ class TrainConfig:
     # come from it), made of random chunks of chunk_size consecutive file rows, so that a file
     # stored sorted (by type, donor, sample) is read in random order, in runs of rows
     block_size: int = 4096
-    chunk_size: int = 256
+    chunk_size: int = 32
     steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over the cells)
 
     def __post_init__(self) -> None:
