@@ -168,6 +168,7 @@ class TrainingPlan:
         self.history: list[dict] = []
         self.steps = 0
         self.budget_hit = False  # train.time_budget spent: training stopped early
+        self.cluster_term = False  # whether this epoch's steps read pseudo-labels
         self.timings = dict.fromkeys(("read", "train", "kmeans", "assign"), 0.0)
 
     def fit(
@@ -202,6 +203,7 @@ class TrainingPlan:
         for epoch in range(start, sched.epochs + 1):
             self.model.train()
             cluster_term = self.cfg.loss.lam > 0 and epoch > sched.warm_epoch
+            self.cluster_term = cluster_term  # streamed pools label their cells only then
             with self.timed("train"):
                 batches = cells.batches(sched.batch_local, sched.steps_per_epoch, self.gen)
                 losses = []

@@ -151,7 +151,7 @@ class StreamedCells:
 
     def batches(self, size: int, steps: int, gen: torch.Generator) -> Iterator[Batch]:
         """Pools of random chunks, each read once: its kNN graph, its cells' pseudo-labels
-        against the current centroids (when the cluster-aware term is on), then minibatches
+        against the current centroids (in epochs where the cluster-aware term is on), then minibatches
         from a shuffle of its cells. A pool too small for a minibatch is skipped."""
         done = 0
         while done < steps:
@@ -159,7 +159,7 @@ class StreamedCells:
             if len(idx) < size:
                 continue
             x, p, *counts = self._read(idx, with_counts=self.plan.recon == "nb")
-            if self.lazy and self.plan.km is not None:
+            if self.plan.cluster_term:  # warm-up steps never read them: no forward pass
                 self._pseudo_label(idx, x, p)
             nbr = block_knn(p, self.plan.cfg.augment.n_neighbors)
             perm = torch.randperm(len(idx), generator=gen, device=gen.device)
