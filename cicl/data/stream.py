@@ -353,7 +353,13 @@ class H5adSource:
     consecutive file rows begins among the local cells (``shard_rows``): streaming draws its
     pools from them. Picklable: the file is opened lazily in the process that reads."""
 
-    def __init__(self, path: str | Path, rows: np.ndarray, transform: BlockTransform, chunk=None):
+    def __init__(
+        self,
+        path: str | Path,
+        rows: np.ndarray,
+        transform: BlockTransform,
+        chunk: int | None = None,
+    ):
         self.path, self.transform = str(path), transform
         self.rows = np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
@@ -391,16 +397,8 @@ def shard_rows(n: int, world: int, chunk: int) -> list[np.ndarray]:
     stored in (sorted by type, donor, sample), every stretch of it is shared evenly, so each
     rank holds all of its cell types in their shares, and reads stay runs of ``chunk`` rows.
     Fixed for the whole fit: pseudo-labels and K-means shards belong to a rank's cells."""
-    starts = np.arange(0, n, max(1, chunk))
-    out = []
-    for r in range(world):
-        mine = starts[r::world]
-        out.append(
-            np.concatenate([np.arange(a, min(a + chunk, n)) for a in mine])
-            if len(mine)
-            else np.zeros(0, np.int64)
-        )
-    return out
+    owner = (np.arange(n) // max(1, chunk)) % world
+    return [np.flatnonzero(owner == r) for r in range(world)]
 
 
 def chunk_starts(rows: np.ndarray, chunk: int) -> np.ndarray:
